@@ -1,0 +1,48 @@
+"""Laplace-LoRA for laplace-torch.
+
+Importing this package registers ``subset_of_weights="lora"`` with
+`laplace.Laplace` for ``hessian_structure`` ``"kron"``, ``"diag"`` and
+``"full"``::
+
+    import laplace_lora_backend  # noqa: F401
+    from laplace import Laplace
+
+    la = Laplace(model, "classification", subset_of_weights="lora",
+                 hessian_structure="kron")
+"""
+
+from laplace_lora_backend.curvature import (
+    KFACApprox,
+    LoRAEF,
+    LoRAGGN,
+    LoRAInterface,
+    LoRAWeight,
+    find_lora_weights,
+)
+from laplace_lora_backend.errors import (
+    LoRALayerNotFoundError,
+    UnsupportedLoRALayerError,
+)
+from laplace_lora_backend.loralaplace import (
+    LoRADiagLaplace,
+    LoRAFullLaplace,
+    LoRAKronLaplace,
+    LoRALaplace,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KFACApprox",
+    "LoRADiagLaplace",
+    "LoRAEF",
+    "LoRAFullLaplace",
+    "LoRAGGN",
+    "LoRAInterface",
+    "LoRAKronLaplace",
+    "LoRALaplace",
+    "LoRALayerNotFoundError",
+    "LoRAWeight",
+    "UnsupportedLoRALayerError",
+    "find_lora_weights",
+]

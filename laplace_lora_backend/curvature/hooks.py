@@ -1,0 +1,101 @@
+"""Capture the inputs and output gradients of LoRA linear modules.
+
+A LoRA layer computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling``. For
+each `lora_A` / `lora_B` `nn.Linear` the recorder keeps the layer input `a`
+(detached) of the last forward pass and hands every gradient `g` that flows
+back into the layer output to a callback. From `a` and `g` the backend builds
+Kronecker factors, per-example gradients and Jacobians: one forward pass, then
+as many backward passes as the curvature type needs, with no per-parameter
+autograd machinery (no ASDL, BackPACK or Curvlinops).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+from torch import nn
+
+__all__ = ["ActivationRecorder"]
+
+GradCallback = Callable[[int, torch.Tensor], None]
+
+
+class ActivationRecorder:
+    """Context manager recording inputs and output gradients of linear modules.
+
+    Parameters
+    ----------
+    modules : Sequence[torch.nn.Linear]
+        Modules to watch; module `i`'s data is reported under index `i`.
+    names : Sequence[str]
+        Human-readable names, used in error messages.
+
+    Attributes
+    ----------
+    inputs : list[torch.Tensor | None]
+        Input of module `i` in the last forward pass, `(batch, *shared, in)`.
+    on_grad : callable or None
+        Called as ``on_grad(i, g)`` with the gradient `g` w.r.t. module `i`'s
+        output, `(batch, *shared, out)`, during every backward pass.
+    """
+
+    def __init__(self, modules: Sequence[nn.Linear], names: Sequence[str]):
+        self.modules = list(modules)
+        self.names = list(names)
+        self.inputs: list[torch.Tensor | None] = [None] * len(self.modules)
+        self.on_grad: GradCallback | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def reset(self) -> None:
+        """Forget the inputs of the previous forward pass."""
+        self.inputs = [None] * len(self.modules)
+
+    def __enter__(self) -> ActivationRecorder:
+        self.reset()
+        for i, module in enumerate(self.modules):
+            self._handles.append(module.register_forward_hook(partial(self._fwd, i)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.on_grad = None
+
+    def _fwd(self, i: int, module: nn.Module, args: tuple, output: torch.Tensor):
+        if self.inputs[i] is not None:
+            raise ValueError(
+                f"LoRA module '{self.names[i]}' ran twice in one forward pass (shared "
+                "or tied module). Each LoRA weight must be applied once per forward; "
+                "exclude it with `lora_modules`."
+            )
+        self.inputs[i] = args[0].detach()
+        if output.requires_grad:
+            output.register_hook(partial(self._bwd, i))
+
+    def _bwd(self, i: int, grad: torch.Tensor) -> None:
+        if self.on_grad is not None:
+            self.on_grad(i, grad.detach())
+
+    def checked_inputs(self) -> list[torch.Tensor]:
+        """Inputs of every module, raising if one did not run.
+
+        Returns
+        -------
+        inputs : list[torch.Tensor]
+
+        Raises
+        ------
+        ValueError
+            If a watched module was not called in the last forward pass.
+        """
+        missing = [n for n, a in zip(self.names, self.inputs) if a is None]
+        if missing:
+            raise ValueError(
+                f"LoRA modules {missing} were not called in the forward pass, so the "
+                "model output does not depend on them. Exclude them with "
+                "`lora_modules`, or check that the adapter is active."
+            )
+        return list(self.inputs)  # type: ignore[arg-type]

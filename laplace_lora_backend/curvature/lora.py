@@ -1,0 +1,378 @@
+"""Curvature backend for LoRA layers: K-FAC, diagonal, full, Jacobians.
+
+`LoRAGGN` and `LoRAEF` follow laplace-torch's backend contract
+(`laplace.curvature.CurvatureInterface`): every method returns the loss and
+the curvature SUMMED over the batch, for ``CrossEntropyLoss(reduction="sum")``
+(classification) or ``0.5 * MSELoss(reduction="sum")`` (regression). Kronecker
+blocks come one per LoRA weight in `model.named_parameters()` order, as
+``[F_out, F_in]`` with the output-gradient factor summed over the batch and the
+input factor averaged and multiplied by ``M / N`` (batch size over data set
+size), so that summing over batches gives
+``(sum g g^T) (x) (1/N sum a a^T)``: laplace-torch's Kron convention, which
+Curvlinops' K-FAC follows too. They therefore also work as ``backend=`` for
+laplace-torch's own `KronLaplace`, `DiagLaplace` and `FullLaplace` on a PEFT
+model whose only trainable weights are the LoRA weights.
+
+All quantities come from module hooks on the `lora_A` / `lora_B` linears
+(`ActivationRecorder`): one forward pass, then one backward pass per class
+(exact GGN), per Monte-Carlo sample (MC Fisher) or one (empirical Fisher).
+Examples in a batch must be independent (true for transformers in eval mode).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import MutableMapping, Sequence
+from typing import Any
+
+import torch
+from laplace.curvature import CurvatureInterface, EFInterface, GGNInterface
+from laplace.utils import Kron, Likelihood
+from torch import nn
+
+from laplace_lora_backend.curvature.discovery import (
+    LoRAWeight,
+    find_lora_weights,
+    grad_enabled,
+)
+from laplace_lora_backend.curvature.factors import DenseFactor
+from laplace_lora_backend.curvature.hooks import ActivationRecorder
+from laplace_lora_backend.curvature.tokens import (
+    KFACApprox,
+    parse_kfac_approx,
+    per_example_view,
+    token_rows,
+)
+
+__all__ = ["LoRAInterface", "LoRAGGN", "LoRAEF"]
+
+Batch = torch.Tensor | MutableMapping[str, Any]
+
+
+class LoRAInterface(CurvatureInterface):
+    """Curvature of the LoRA weights of a PEFT model, from module hooks.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Model containing PEFT LoRA layers; ``model(x)`` must return
+        `(batch, outputs)`.
+    likelihood : {'classification', 'regression'}
+    last_layer : bool, default=False
+        Not supported (use ``lora_modules=["lm_head"]`` for last-layer LoRA).
+    subnetwork_indices : None
+        Not supported.
+    dict_key_x : str, default='input_ids'
+    dict_key_y : str, default='labels'
+    lora_modules : str or list[str] or re.Pattern, optional
+        Restrict the LoRA layers (see `find_lora_weights`).
+    kfac_approx : {'expand', 'reduce'}, default='expand'
+        Token aggregation for K-FAC (see `laplace_lora_backend.curvature.tokens`).
+    mask_key : str or None, default='attention_mask'
+        Key of the `(batch, tokens)` padding mask in dict batches; padding
+        positions are excluded from the K-FAC factors. `None` disables masking.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        last_layer: bool = False,
+        subnetwork_indices: torch.LongTensor | None = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        lora_modules: str | Sequence[str] | re.Pattern | None = None,
+        kfac_approx: KFACApprox | str = KFACApprox.EXPAND,
+        mask_key: str | None = "attention_mask",
+    ) -> None:
+        if last_layer or subnetwork_indices is not None:
+            raise ValueError(
+                "LoRA backends select the LoRA weights themselves: `last_layer` and "
+                "`subnetwork_indices` are not supported. For last-layer LoRA Laplace "
+                "pass lora_modules=['lm_head']."
+            )
+        CurvatureInterface.__init__(
+            self, model, likelihood, False, None, dict_key_x, dict_key_y
+        )
+        self.kfac_approx = parse_kfac_approx(kfac_approx)
+        self.mask_key = mask_key
+        self.lora_modules = lora_modules
+        self.lora_weights: list[LoRAWeight] = find_lora_weights(model, lora_modules)
+        self.params = [w.param for w in self.lora_weights]
+        self.params_dict = {w.name: w.param for w in self.lora_weights}
+
+    # ------------------------------------------------------------------ helpers
+    def _recorder(self) -> ActivationRecorder:
+        return ActivationRecorder(
+            [w.module for w in self.lora_weights], [w.name for w in self.lora_weights]
+        )
+
+    def _mask(self, x: Batch) -> torch.Tensor | None:
+        if self.mask_key is None or not isinstance(x, MutableMapping):
+            return None
+        mask = x.get(self.mask_key)
+        return None if mask is None else torch.as_tensor(mask)
+
+    def _forward(self, x: Batch) -> torch.Tensor:
+        f = self.model(x)
+        if not isinstance(f, torch.Tensor) or f.ndim != 2:
+            shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+            raise ValueError(
+                f"The model must return a (batch, outputs) tensor, got {shape}. "
+                "Wrap a causal LM so that it returns the logits of the answer tokens "
+                "at the last position (see laplace_lora_backend.llm), or a "
+                "sequence-classification model's `.logits`."
+            )
+        return f
+
+    def _backward(self, scalar: torch.Tensor, retain_graph: bool) -> None:
+        torch.autograd.grad(
+            scalar, self.params, retain_graph=retain_graph, allow_unused=True
+        )
+
+    def _per_example_weight_grads(
+        self, inputs: list[torch.Tensor], grads: list[torch.Tensor | None]
+    ) -> torch.Tensor:
+        """Per-example gradients of every LoRA weight, `(batch, P)`."""
+        out = []
+        for w, a, g in zip(self.lora_weights, inputs, grads):
+            a3 = per_example_view(a)
+            if g is None:
+                out.append(a3.new_zeros(a3.shape[0], w.param.numel()))
+                continue
+            g3 = per_example_view(g).to(a3.dtype)
+            out.append(torch.einsum("bto,bti->boi", g3, a3).flatten(1))
+        return torch.cat(out, dim=1)
+
+    # ------------------------------------------------------------- Jacobians
+    def jacobians(
+        self, x: Batch, enable_backprop: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Jacobians of the outputs w.r.t. the LoRA weights.
+
+        One backward pass per output; per-example Jacobians are read off the
+        recorded layer inputs and output gradients.
+
+        Parameters
+        ----------
+        x : torch.Tensor or MutableMapping
+            Batch on the model's device.
+        enable_backprop : bool, default=False
+            Not supported by this backend.
+
+        Returns
+        -------
+        Js : torch.Tensor
+            `(batch, outputs, P)`.
+        f : torch.Tensor
+            `(batch, outputs)`.
+        """
+        if enable_backprop:
+            raise ValueError(
+                "LoRA backends do not support enable_backprop=True; use laplace's "
+                "CurvlinopsGGN backend for differentiable predictives."
+            )
+        with torch.enable_grad(), grad_enabled(self.lora_weights):
+            with self._recorder() as rec:
+                f = self._forward(x)
+                inputs = rec.checked_inputs()
+                n_out = f.shape[1]
+                Js = []
+                for c in range(n_out):
+                    grads: list[torch.Tensor | None] = [None] * len(inputs)
+                    rec.on_grad = grads.__setitem__
+                    self._backward(f[:, c].sum(), retain_graph=c < n_out - 1)
+                    Js.append(self._per_example_weight_grads(inputs, grads))
+        return torch.stack(Js, dim=1).detach(), f.detach()
+
+    def gradients(self, x: Batch, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example gradients of the summed loss w.r.t. the LoRA weights.
+
+        Parameters
+        ----------
+        x : torch.Tensor or MutableMapping
+        y : torch.Tensor
+
+        Returns
+        -------
+        Gs : torch.Tensor
+            `(batch, P)`.
+        loss : torch.Tensor
+            Summed loss (without `factor`).
+        """
+        with torch.enable_grad(), grad_enabled(self.lora_weights):
+            with self._recorder() as rec:
+                f = self._forward(x)
+                inputs = rec.checked_inputs()
+                grads: list[torch.Tensor | None] = [None] * len(inputs)
+                rec.on_grad = grads.__setitem__
+                loss = self.lossfunc(f, y)
+                self._backward(loss, retain_graph=False)
+                Gs = self._per_example_weight_grads(inputs, grads)
+        return Gs.detach(), loss.detach()
+
+    # ------------------------------------------------------------------- K-FAC
+    def _output_gradient_passes(self, f: torch.Tensor, y: torch.Tensor):
+        """Yield `(scalar, weight)`: backpropagating `scalar` gives gradients
+        whose weighted outer products sum to this curvature's output factor."""
+        raise NotImplementedError
+
+    def kron(
+        self, x: Batch, y: torch.Tensor, N: int, **kwargs: Any
+    ) -> tuple[torch.Tensor, Kron]:
+        """K-FAC of the LoRA weights on one batch (laplace-torch convention).
+
+        Parameters
+        ----------
+        x : torch.Tensor or MutableMapping
+            Batch on the model's device.
+        y : torch.Tensor
+            Targets `(batch,)` (classification) or `(batch, outputs)`.
+        N : int
+            Data set size.
+        **kwargs
+            ``kfac_approx`` overrides the backend's setting (laplace-torch
+            passes ``asdl_fisher_kwargs`` here); others are ignored.
+
+        Returns
+        -------
+        loss : torch.Tensor
+            `factor * summed loss`.
+        kron : laplace.utils.Kron
+            One block ``[F_out, F_in]`` per LoRA weight.
+        """
+        approx = parse_kfac_approx(kwargs.get("kfac_approx", self.kfac_approx))
+        mask = self._mask(x)
+        p = self.params[0]
+        with torch.enable_grad(), grad_enabled(self.lora_weights):
+            with self._recorder() as rec:
+                f = self._forward(x)
+                inputs = rec.checked_inputs()
+                in_factors = self._input_factors(inputs, mask, approx, p)
+                out_factors = [
+                    DenseFactor(w.out_features, p.dtype, p.device)
+                    for w in self.lora_weights
+                ]
+                loss = self.lossfunc(f, y)
+                passes = list(self._output_gradient_passes(f, y))
+                for k, (scalar, weight) in enumerate(passes):
+
+                    def on_grad(i, g, weight=weight):
+                        rows, w = token_rows(g, mask, approx, is_input=False)
+                        if weight != 1.0:
+                            rows = rows * math.sqrt(weight)
+                        out_factors[i].add(rows, w)
+
+                    rec.on_grad = on_grad
+                    self._backward(scalar, retain_graph=k < len(passes) - 1)
+        blocks = [
+            [G.value(), A.value(1.0 / N)]  # input factor: batch mean * M / N
+            for G, A in zip(out_factors, in_factors, strict=True)
+        ]
+        kron = Kron(blocks)
+        kron *= self.factor
+        return self.factor * loss.detach(), kron
+
+    def _input_factors(
+        self,
+        inputs: list[torch.Tensor],
+        mask: torch.Tensor | None,
+        approx: KFACApprox,
+        p: torch.Tensor,
+    ) -> list[DenseFactor]:
+        """Input factors, computed once per distinct input tensor (the q, k, v
+        projections of a layer share their input)."""
+        factors: list[DenseFactor] = []
+        seen: dict[tuple, DenseFactor] = {}
+        for w, a in zip(self.lora_weights, inputs):
+            key = (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype)
+            if key not in seen:
+                acc = DenseFactor(w.in_features, p.dtype, p.device)
+                acc.add(*token_rows(a, mask, approx, is_input=True))
+                seen[key] = acc
+            factors.append(seen[key])
+        return factors
+
+
+class LoRAGGN(LoRAInterface, GGNInterface):
+    """Generalized Gauss-Newton (or MC Fisher) of the LoRA weights.
+
+    Exact GGN: one backward pass per output column of the loss Hessian's
+    square root. ``stochastic=True``: Monte-Carlo Fisher with `num_samples`
+    labels drawn from the model's predictive (global torch RNG).
+
+    Parameters
+    ----------
+    model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y
+        See `LoRAInterface`.
+    stochastic : bool, default=False
+    num_samples : int, default=1
+    lora_modules, kfac_approx, mask_key
+        See `LoRAInterface`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        last_layer: bool = False,
+        subnetwork_indices: torch.LongTensor | None = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        stochastic: bool = False,
+        num_samples: int = 1,
+        lora_modules: str | Sequence[str] | re.Pattern | None = None,
+        kfac_approx: KFACApprox | str = KFACApprox.EXPAND,
+        mask_key: str | None = "attention_mask",
+    ) -> None:
+        if int(num_samples) < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+        self.stochastic = bool(stochastic)
+        self.num_samples = int(num_samples)
+        LoRAInterface.__init__(
+            self,
+            model,
+            likelihood,
+            last_layer,
+            subnetwork_indices,
+            dict_key_x,
+            dict_key_y,
+            lora_modules,
+            kfac_approx,
+            mask_key,
+        )
+
+    def _output_gradient_passes(self, f: torch.Tensor, y: torch.Tensor):
+        if self.stochastic:
+            for _ in range(self.num_samples):
+                with torch.no_grad():
+                    if self.likelihood == Likelihood.REGRESSION:
+                        # N(y | f, 1/2) is the distribution of MSELoss(sum)
+                        y_s = f + math.sqrt(0.5) * torch.randn_like(f)
+                    else:
+                        y_s = torch.multinomial(f.softmax(-1), 1).squeeze(-1)
+                yield self.lossfunc(f, y_s), 1.0 / self.num_samples
+            return
+        with torch.no_grad():
+            sqrt_h = self._loss_hessian_sqrt(f)  # (batch, C, C)
+        for c in range(f.shape[1]):
+            yield (f * sqrt_h[:, :, c]).sum(), 1.0
+
+    def _loss_hessian_sqrt(self, f: torch.Tensor) -> torch.Tensor:
+        """`S` with ``S S^T`` the Hessian of the summed loss w.r.t. `f`,
+        `(batch, C, C)`."""
+        B, C = f.shape
+        if self.likelihood == Likelihood.REGRESSION:
+            eye = torch.eye(C, dtype=f.dtype, device=f.device)
+            return math.sqrt(2.0) * eye.expand(B, C, C)
+        p = f.softmax(-1)
+        s = p.sqrt()
+        return torch.diag_embed(s) - p[:, :, None] * s[:, None, :]
+
+
+class LoRAEF(LoRAInterface, EFInterface):
+    """Empirical Fisher of the LoRA weights (one backward pass per batch)."""
+
+    def _output_gradient_passes(self, f: torch.Tensor, y: torch.Tensor):
+        yield self.lossfunc(f, y), 1.0

@@ -1,0 +1,144 @@
+"""Laplace approximations over the LoRA weights of a PEFT model.
+
+Each class is laplace-torch's parametric Laplace class of the same structure,
+with two differences: the parameters are the `lora_A` / `lora_B` weights of the
+active adapters, selected by module (not by `requires_grad`), and the default
+backend is `LoRAGGN`. Each class has its own `_key`, so importing this package
+adds ``("lora", "kron")``, ``("lora", "diag")`` and ``("lora", "full")`` to
+`laplace.Laplace` and leaves upstream's keys untouched.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from laplace import DiagLaplace, FullLaplace, KronLaplace
+from torch.utils.data import DataLoader
+
+from laplace_lora_backend.curvature.discovery import LoRAWeight, find_lora_weights
+from laplace_lora_backend.curvature.lora import LoRAGGN, LoRAInterface
+
+__all__ = ["LoRALaplace", "LoRAKronLaplace", "LoRADiagLaplace", "LoRAFullLaplace"]
+
+LoRAModules = str | Sequence[str] | re.Pattern | None
+
+
+class LoRALaplace:
+    """Mixin restricting a laplace-torch parametric class to the LoRA weights.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Model containing PEFT LoRA layers; ``model(x)`` returns
+        `(batch, outputs)`.
+    likelihood : {'classification', 'regression'}
+    *args, **kwargs
+        As for the laplace-torch class (`prior_precision`, `backend`,
+        `backend_kwargs`, ...). `backend` defaults to `LoRAGGN`.
+    lora_modules : str or list[str] or re.Pattern, optional
+        Restrict to LoRA layers whose names match (substrings or a regex).
+        ``["lm_head"]`` is last-layer LoRA Laplace (LLLA).
+
+    Attributes
+    ----------
+    lora_weights : list[LoRAWeight]
+        The selected weights, in `model.named_parameters()` order; `params`
+        holds their tensors.
+    """
+
+    lora_weights: list[LoRAWeight]
+
+    def __init__(
+        self, model, likelihood, *args: Any, lora_modules: LoRAModules = None, **kwargs
+    ) -> None:
+        parent_init = super().__init__  # the laplace-torch class next in the MRO
+        bound = inspect.signature(parent_init).bind(model, likelihood, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = bound.arguments
+        backend = arguments["backend"] or LoRAGGN
+        backend_kwargs = dict(arguments["backend_kwargs"] or {})
+        if lora_modules is None:
+            lora_modules = backend_kwargs.get("lora_modules")
+        elif backend_kwargs.get("lora_modules", lora_modules) != lora_modules:
+            raise ValueError(
+                "`lora_modules` is given twice with different values (argument and "
+                "backend_kwargs); pass it once."
+            )
+        if isinstance(backend, type) and issubclass(backend, LoRAInterface):
+            backend_kwargs["lora_modules"] = lora_modules
+        weights = find_lora_weights(model, lora_modules)
+
+        prior_precision = arguments["prior_precision"]
+        prior_mean = arguments["prior_mean"]
+        arguments.update(
+            backend=backend,
+            backend_kwargs=backend_kwargs,
+            prior_precision=1.0,
+            prior_mean=0.0,
+        )
+        parent_init(**arguments)
+
+        self.lora_weights = weights
+        self.lora_modules = lora_modules
+        self.params = [w.param for w in weights]
+        self.is_subset_params = True
+        self.n_params = sum(p.numel() for p in self.params)
+        self.n_layers = len(self.params)
+        self.prior_precision = prior_precision
+        self.prior_mean = prior_mean
+        self._init_H()
+        self.mean = self.prior_mean
+        if issubclass(self._backend_cls, LoRAInterface):
+            self.backend  # build it now: bad backend_kwargs fail here, not in fit
+
+    def fit(
+        self,
+        train_loader: DataLoader,
+        override: bool = True,
+        progress_bar: bool = False,
+    ) -> None:
+        """Fit the Laplace approximation over the LoRA weights.
+
+        Parameters
+        ----------
+        train_loader : torch.utils.data.DataLoader
+            Batches of `(X, y)` tensors or dicts with `dict_key_x` and
+            `dict_key_y`; `train_loader.dataset` gives the data set size.
+        override : bool, default=True
+        progress_bar : bool, default=False
+        """
+        backend_ids = [id(p) for p in self.backend.params]
+        if backend_ids != [id(p) for p in self.params]:
+            raise ValueError(
+                f"Backend {type(self.backend).__name__} computes curvature for the "
+                "parameters that require grad, which are not exactly the LoRA "
+                "weights selected here. Use a LoRA backend (LoRAGGN, LoRAEF) or "
+                "freeze every non-LoRA parameter (model.requires_grad_(False), then "
+                "enable the LoRA weights)."
+            )
+        super().fit(train_loader, override=override, progress_bar=progress_bar)
+
+
+class LoRAKronLaplace(LoRALaplace, KronLaplace):
+    """K-FAC Laplace over the LoRA weights (`laplace.KronLaplace` semantics)."""
+
+    # key to map to this class in laplace.Laplace: (subset_of_weights, structure)
+    _key = ("lora", "kron")
+
+
+class LoRADiagLaplace(LoRALaplace, DiagLaplace):
+    """Diagonal Laplace over the LoRA weights (`laplace.DiagLaplace` semantics)."""
+
+    # key to map to this class in laplace.Laplace: (subset_of_weights, structure)
+    _key = ("lora", "diag")
+
+
+class LoRAFullLaplace(LoRALaplace, FullLaplace):
+    """Full-covariance Laplace over the LoRA weights (small adapters only)."""
+
+    # key to map to this class in laplace.Laplace: (subset_of_weights, structure)
+    _key = ("lora", "full")
+
