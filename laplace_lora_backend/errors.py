@@ -10,10 +10,16 @@ __all__ = ["LoRALayerNotFoundError", "UnsupportedLoRALayerError"]
 
 
 class LoRALayerNotFoundError(ValueError):
-    """No LoRA weight matched: the model has no PEFT LoRA layer, or a filter
-    (`lora_modules`) matched none of the LoRA layers that exist."""
+    """No LoRA weight matched.
+
+    The model has no PEFT LoRA layer, or a filter (`lora_modules`) matched none
+    of the LoRA layers that exist.
+    """
 
 
 class UnsupportedLoRALayerError(ValueError):
-    """A LoRA layer exists but its kind cannot be handled (merged adapter,
-    DoRA or another LoRA variant, embedding or convolution LoRA)."""
+    """A LoRA layer exists but its kind cannot be handled.
+
+    Merged or disabled adapters, DoRA and other LoRA variants, embedding or
+    convolution LoRA, and `lora_bias`.
+    """

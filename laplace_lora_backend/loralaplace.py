@@ -92,7 +92,7 @@ class LoRALaplace:
         self._init_H()
         self.mean = self.prior_mean
         if issubclass(self._backend_cls, LoRAInterface):
-            self.backend  # build it now: bad backend_kwargs fail here, not in fit
+            _ = self.backend  # build it now: bad backend_kwargs fail here, not in fit
 
     def fit(
         self,
@@ -141,4 +141,3 @@ class LoRAFullLaplace(LoRALaplace, FullLaplace):
 
     # key to map to this class in laplace.Laplace: (subset_of_weights, structure)
     _key = ("lora", "full")
-

@@ -92,7 +92,9 @@ def make_peft_classifier(
     """Tiny PEFT LoRA classifier in float64 with non-zero LoRA B weights."""
     lm, default_targets = make_lm(arch, seed)
     cfg = LoraConfig(
-        r=r, lora_alpha=2 * r, target_modules=targets or default_targets,
+        r=r,
+        lora_alpha=2 * r,
+        target_modules=targets or default_targets,
         lora_dropout=0.0,
     )
     peft_model = get_peft_model(lm, cfg)
@@ -105,7 +107,9 @@ def make_peft_classifier(
     return model
 
 
-def make_batch(n: int = 6, T: int = 5, seed: int = 0, pad: bool = True, n_out=N_CLASSES):
+def make_batch(
+    n: int = 6, T: int = 5, seed: int = 0, pad: bool = True, n_out=N_CLASSES
+):
     """Dict batch with left padding (example i has i % 3 padding tokens)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (n, T), generator=g)

@@ -213,5 +213,5 @@ def grad_enabled(weights: Sequence[LoRAWeight]) -> Iterator[None]:
             w.param.requires_grad_(True)
         yield
     finally:
-        for w, flag in zip(weights, flags):
+        for w, flag in zip(weights, flags, strict=True):
             w.param.requires_grad_(flag)

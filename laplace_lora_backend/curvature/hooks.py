@@ -91,7 +91,7 @@ class ActivationRecorder:
         ValueError
             If a watched module was not called in the last forward pass.
         """
-        missing = [n for n, a in zip(self.names, self.inputs) if a is None]
+        missing = [n for n, a in zip(self.names, self.inputs, strict=True) if a is None]
         if missing:
             raise ValueError(
                 f"LoRA modules {missing} were not called in the forward pass, so the "

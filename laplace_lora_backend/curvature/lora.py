@@ -136,7 +136,7 @@ class LoRAInterface(CurvatureInterface):
     ) -> torch.Tensor:
         """Per-example gradients of every LoRA weight, `(batch, P)`."""
         out = []
-        for w, a, g in zip(self.lora_weights, inputs, grads):
+        for w, a, g in zip(self.lora_weights, inputs, grads, strict=True):
             a3 = per_example_view(a)
             if g is None:
                 out.append(a3.new_zeros(a3.shape[0], w.param.numel()))
@@ -214,8 +214,11 @@ class LoRAInterface(CurvatureInterface):
 
     # ------------------------------------------------------------------- K-FAC
     def _output_gradient_passes(self, f: torch.Tensor, y: torch.Tensor):
-        """Yield `(scalar, weight)`: backpropagating `scalar` gives gradients
-        whose weighted outer products sum to this curvature's output factor."""
+        """Yield `(scalar, weight)` pairs for the output-gradient factor.
+
+        Backpropagating each `scalar` gives output gradients whose outer
+        products, times `weight`, sum to this curvature's output factor.
+        """
         raise NotImplementedError
 
     def kron(
@@ -281,11 +284,14 @@ class LoRAInterface(CurvatureInterface):
         approx: KFACApprox,
         p: torch.Tensor,
     ) -> list[DenseFactor]:
-        """Input factors, computed once per distinct input tensor (the q, k, v
-        projections of a layer share their input)."""
+        """Input factors, one accumulator per distinct input tensor.
+
+        The q, k and v projections of a layer share their input, so their
+        `lora_A` input factors are computed once.
+        """
         factors: list[DenseFactor] = []
         seen: dict[tuple, DenseFactor] = {}
-        for w, a in zip(self.lora_weights, inputs):
+        for w, a in zip(self.lora_weights, inputs, strict=True):
             key = (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype)
             if key not in seen:
                 acc = DenseFactor(w.in_features, p.dtype, p.device)
@@ -360,8 +366,10 @@ class LoRAGGN(LoRAInterface, GGNInterface):
             yield (f * sqrt_h[:, :, c]).sum(), 1.0
 
     def _loss_hessian_sqrt(self, f: torch.Tensor) -> torch.Tensor:
-        """`S` with ``S S^T`` the Hessian of the summed loss w.r.t. `f`,
-        `(batch, C, C)`."""
+        """Square root `S` of the loss Hessian w.r.t. `f`, `(batch, C, C)`.
+
+        ``S S^T`` is the Hessian of the summed loss for each example.
+        """
         B, C = f.shape
         if self.likelihood == Likelihood.REGRESSION:
             eye = torch.eye(C, dtype=f.dtype, device=f.device)

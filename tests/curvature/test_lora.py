@@ -22,9 +22,9 @@ PAIRS = [(LoRAGGN, CurvlinopsGGN), (LoRAEF, CurvlinopsEF)]
 
 def assert_kron_close(ours: Kron, ref: Kron, tol: float = TOL) -> None:
     assert len(ours.kfacs) == len(ref.kfacs)
-    for block_o, block_r in zip(ours.kfacs, ref.kfacs):
+    for block_o, block_r in zip(ours.kfacs, ref.kfacs, strict=True):
         assert len(block_o) == len(block_r) == 2
-        for Fo, Fr in zip(block_o, block_r):
+        for Fo, Fr in zip(block_o, block_r, strict=True):
             assert Fo.shape == Fr.shape
             assert rel_err(Fo, Fr) <= tol
 
@@ -108,11 +108,11 @@ def test_mc_fisher_converges_to_ggn():
     model = make_peft_classifier("llama")
     batch = make_batch(pad=False)
     torch.manual_seed(0)
-    _, mc = LoRAGGN(
-        model, "classification", stochastic=True, num_samples=2000
-    ).kron(batch, batch["labels"], N=6)
+    _, mc = LoRAGGN(model, "classification", stochastic=True, num_samples=2000).kron(
+        batch, batch["labels"], N=6
+    )
     _, exact = LoRAGGN(model, "classification").kron(batch, batch["labels"], N=6)
-    for Fm, Fe in zip(mc.kfacs, exact.kfacs):
+    for Fm, Fe in zip(mc.kfacs, exact.kfacs, strict=True):
         assert rel_err(Fm[0], Fe[0]) < 0.1  # Monte-Carlo error ~ 1/sqrt(2000)
         assert rel_err(Fm[1], Fe[1]) < 1e-12  # input factor is deterministic
 

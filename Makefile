@@ -1,0 +1,44 @@
+# Two newcomer commands (see README):  make demo   |   make test
+# Every pip call pins torch==2.13.0: laplace-torch pulls torchvision, and an
+# unpinned resolve swaps the CPU torch for a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH := torch==2.13.0
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE := 1
+
+.PHONY: venv setup-dev setup-demo demo test lint format bench
+
+venv:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+
+# torchvision (pulled by laplace-torch) does not import beside this torch and
+# breaks `import laplace` through torchmetrics; laplace never imports it.
+setup-dev: venv
+	$(PIP) install -q $(TORCH) -e '.[dev]'
+	$(PIP) uninstall -q -y torchvision || true
+
+setup-demo: venv
+	$(PIP) install -q $(TORCH) -e '.[demo]'
+	$(PIP) uninstall -q -y torchvision || true
+
+demo: setup-demo
+	$(VENV)/bin/laplace-lora demo
+
+test: setup-dev lint
+	$(PY) -m pytest
+
+lint:
+	$(VENV)/bin/ruff check laplace_lora_backend tests benchmarks
+	$(VENV)/bin/ruff format --check laplace_lora_backend tests benchmarks
+
+format:
+	$(VENV)/bin/ruff format laplace_lora_backend tests benchmarks
+	$(VENV)/bin/ruff check --fix laplace_lora_backend tests benchmarks
+
+bench: setup-dev
+	$(PY) benchmarks/bench_fit.py

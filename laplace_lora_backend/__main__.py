@@ -1,0 +1,5 @@
+"""``python -m laplace_lora_backend`` runs the ``laplace-lora`` command line."""
+
+from laplace_lora_backend.cli import main
+
+main()
