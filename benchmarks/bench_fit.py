@@ -221,7 +221,7 @@ def to_markdown(results, meta):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default="benchmarks/results")
     parser.add_argument("--width", type=int, default=4096)
