@@ -1,0 +1,176 @@
+"""Accumulating Kronecker container whose wide factors may be low-rank.
+
+`LoRAKron` is laplace-torch's `Kron` (one block ``[F_out, F_in]`` per LoRA
+weight, summed over batches while fitting) where a factor is either a dense
+`(d, d)` tensor or a `LowRankFactor`. Sums merge low-rank factors by a float64
+SVD; `decompose` eigendecomposes only the dense factors (a low-rank factor is
+already in eigen form) and returns a `LoRAKronDecomposed`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from laplace.utils import Kron
+from laplace.utils.utils import symeig
+
+from laplace_lora_backend.matrix.kron_decomposed import LoRAKronDecomposed
+from laplace_lora_backend.matrix.lowrank import LowRankFactor, LowRankResidual
+
+__all__ = ["LoRAKron", "Factor"]
+
+Factor = torch.Tensor | LowRankFactor
+
+
+def _dense(F: Factor) -> torch.Tensor:
+    return F.to_dense() if isinstance(F, LowRankFactor) else F
+
+
+class LoRAKron(Kron):
+    """Kronecker blocks ``[F_out, F_in]`` with dense or low-rank factors.
+
+    Parameters
+    ----------
+    kfacs : list[list[torch.Tensor | LowRankFactor]]
+        One block per LoRA weight, in parameter order.
+    """
+
+    @classmethod
+    def init_from_shapes(
+        cls,
+        shapes: Iterable[tuple[int, int]],
+        dtype: torch.dtype,
+        device: torch.device,
+        lowrank_threshold: int | None = None,
+        lowrank_rank: int = 16,
+        lowrank_residual: LowRankResidual | str = LowRankResidual.TRACE,
+    ) -> LoRAKron:
+        """Zero factors for weights of the given `(out, in)` shapes.
+
+        Sides `>= lowrank_threshold` get a rank-0 `LowRankFactor`, others a
+        dense zero matrix; `lowrank_threshold=None` keeps everything dense.
+        """
+
+        def zero(d: int) -> Factor:
+            if lowrank_threshold is not None and d >= lowrank_threshold:
+                return LowRankFactor.zeros(
+                    d, lowrank_rank, lowrank_residual, dtype, device
+                )
+            return torch.zeros(d, d, dtype=dtype, device=device)
+
+        return cls([[zero(out), zero(inp)] for out, inp in shapes])
+
+    def __add__(self, other: Kron) -> LoRAKron:
+        """Add factor by factor (low-rank factors are merged and re-truncated)."""
+        if not isinstance(other, Kron) or len(other.kfacs) != len(self.kfacs):
+            raise ValueError(
+                "Can only add Kron objects with the same blocks (same LoRA weights)."
+            )
+        kfacs = []
+        for Fi, Fj in zip(self.kfacs, other.kfacs, strict=True):
+            if len(Fi) != len(Fj) or any(
+                type(a) is not type(b) or len(a) != len(b)
+                for a, b in zip(Fi, Fj, strict=True)
+            ):
+                raise ValueError(
+                    "Kron blocks differ in shape or storage (dense vs low-rank): the "
+                    "backend and the Laplace object must use the same lowrank_* "
+                    "settings."
+                )
+            kfacs.append([a.add(b) for a, b in zip(Fi, Fj, strict=True)])
+        return LoRAKron(kfacs)
+
+    __radd__ = __add__
+
+    def __mul__(self, scalar: float | torch.Tensor) -> LoRAKron:
+        """Multiply by a scalar, spread evenly over the factors of a block."""
+        return LoRAKron([[F * pow(scalar, 1 / len(b)) for F in b] for b in self.kfacs])
+
+    __rmul__ = __mul__
+
+    def decompose(self, damping: bool = False) -> LoRAKronDecomposed:
+        """Eigendecompose the dense factors; low-rank ones are already eigen.
+
+        Parameters
+        ----------
+        damping : bool, default=False
+            laplace-torch's damping (prior mixed into both factors).
+
+        Returns
+        -------
+        LoRAKronDecomposed
+        """
+        eigvecs, eigvals = [], []
+        for block in self.kfacs:
+            vecs, vals = [], []
+            for F in block:
+                if isinstance(F, LowRankFactor):
+                    vecs.append(F.U)
+                    vals.append(F)
+                else:
+                    lam, Q = symeig(F)
+                    vecs.append(Q)
+                    vals.append(lam)
+            eigvecs.append(vecs)
+            eigvals.append(vals)
+        return LoRAKronDecomposed(eigvecs, eigvals, damping=damping)
+
+    # dense references and upstream helpers (tests, small models)
+    def to_matrix(self) -> torch.Tensor:
+        """Dense block-diagonal matrix; tests only."""
+        return Kron([[_dense(F) for F in b] for b in self.kfacs]).to_matrix()
+
+    def diag(self) -> torch.Tensor:
+        """Diagonal of the whole Kronecker factorisation."""
+        out = []
+        for F_out, F_in in self.kfacs:
+            d_out, d_in = (_factor_diag(F) for F in (F_out, F_in))
+            out.append(torch.outer(d_out, d_in).flatten())
+        return torch.cat(out)
+
+    def logdet(self) -> torch.Tensor:
+        """Log-determinant (without prior); uses `decompose`."""
+        return self.decompose().logdet()
+
+    def bmm(self, W: torch.Tensor, exponent: float = 1) -> torch.Tensor:
+        """``self @ W`` (exponent 1 only, as upstream `Kron.bmm`)."""
+        if exponent != 1:
+            raise ValueError("Only exponent 1 before decomposition; decompose first.")
+        return self.decompose().bmm(W, exponent=1)
+
+    def factor_bytes(self) -> int:
+        """Bytes held by all factors (what fitting keeps in memory)."""
+        total = 0
+        for block in self.kfacs:
+            for F in block:
+                if isinstance(F, LowRankFactor):
+                    total += F.numel_stored() * F.U.element_size()
+                else:
+                    total += F.numel() * F.element_size()
+        return total
+
+    # ---------------------------------------------------------------- storage
+    def to_state(self) -> list[list[Any]]:
+        """Factors as tensors and plain dicts (torch.save/load friendly)."""
+        return [
+            [F.to_state() if isinstance(F, LowRankFactor) else F for F in b]
+            for b in self.kfacs
+        ]
+
+    @classmethod
+    def from_state(cls, state: list[list[Any]]) -> LoRAKron:
+        """Inverse of `to_state`."""
+        return cls(
+            [
+                [LowRankFactor.from_state(F) if isinstance(F, dict) else F for F in b]
+                for b in state
+            ]
+        )
+
+
+def _factor_diag(F: Factor) -> torch.Tensor:
+    if isinstance(F, LowRankFactor):
+        return (F.U.square() * F.s).sum(1) + F.c
+    return F.diagonal()

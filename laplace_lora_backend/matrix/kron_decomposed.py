@@ -1,0 +1,194 @@
+r"""Eigen form of a `LoRAKron` with prior `deltas`: inverse, logdet, samples.
+
+A block is ``F_out (x) F_in + delta I`` (weight vectorised row-major, `W` of
+shape `(out, in)`). Dense factors are stored as eigenpairs `(Q, l)`. A wide
+factor is a `LowRankFactor` :math:`U \operatorname{diag}(s) U^T + c I`; its
+eigenbasis is ``[U, U_perp]`` with eigenvalues ``s + c`` and ``c``
+(multiplicity `d - k`), and `U_perp` is never formed. With the small factor
+``Q diag(l) Q^T`` (wide factor on the right, `W` `(n, d)`), the block's
+eigenvalues are ``lam[i, j] = g(l_i, s_j + c)`` and ``mu[i] = g(l_i, c)``, with
+``g(a, b) = a b + delta`` (or ``(a + sqrt(delta)) (b + sqrt(delta))`` with
+damping), and for any exponent `e`
+
+.. math::
+
+    P^e W = Q \left[ (Q^T W U) \odot \lambda^e \, U^T
+            + \operatorname{diag}(\mu^e) (Q^T W - Q^T W U U^T) \right]
+
+    \log\det P = \sum_{ij} \log \lambda_{ij} + (d - k) \sum_i \log \mu_i
+
+A wide factor on the left is the same computation on ``W^T``. Blocks with two
+dense factors use laplace-torch's formulas.
+"""
+
+from __future__ import annotations
+
+import torch
+from laplace.utils import KronDecomposed
+from laplace.utils.utils import _is_valid_scalar, block_diag, kron
+
+from laplace_lora_backend.matrix.lowrank import LowRankFactor
+
+__all__ = ["LoRAKronDecomposed"]
+
+
+class LoRAKronDecomposed(KronDecomposed):
+    """`KronDecomposed` whose blocks may hold one low-rank wide factor.
+
+    Parameters
+    ----------
+    eigenvectors : list[list[torch.Tensor]]
+        Per block, `Q` `(d, d)` for a dense factor or `U` `(d, k)` for a
+        low-rank one.
+    eigenvalues : list[list[torch.Tensor | LowRankFactor]]
+        Per block, `l` `(d,)` for a dense factor or the `LowRankFactor`.
+    deltas : torch.Tensor, optional
+        Prior precision, scalar or one per block.
+    damping : bool, default=False
+    """
+
+    def __init__(self, eigenvectors, eigenvalues, deltas=None, damping=False):
+        for block in eigenvalues:
+            if sum(isinstance(v, LowRankFactor) for v in block) > 1:
+                raise ValueError("At most one low-rank factor per Kronecker block.")
+        super().__init__(eigenvectors, eigenvalues, deltas, damping)
+
+    # ------------------------------------------------------------ arithmetic
+    def __add__(self, deltas: torch.Tensor) -> LoRAKronDecomposed:
+        """Add a prior precision (scalar or one per block)."""
+        self._check_deltas(deltas)
+        return LoRAKronDecomposed(
+            self.eigenvectors, self.eigenvalues, self.deltas + deltas, self.damping
+        )
+
+    def __mul__(self, scalar: float | torch.Tensor) -> LoRAKronDecomposed:
+        """Multiply the curvature (not the prior) by a scalar."""
+        if not _is_valid_scalar(scalar):
+            raise ValueError("Invalid argument, can only multiply Kron with scalar.")
+        eigenvalues = [
+            [v * pow(scalar, 1 / len(block)) for v in block]
+            for block in self.eigenvalues
+        ]
+        return LoRAKronDecomposed(
+            self.eigenvectors, eigenvalues, self.deltas, self.damping
+        )
+
+    __radd__ = __add__
+    __rmul__ = __mul__
+
+    def detach(self) -> LoRAKronDecomposed:
+        """Detach the prior `deltas` from the autograd graph."""
+        self.deltas = self.deltas.detach()
+        return self
+
+    # -------------------------------------------------------------- helpers
+    def _combine(self, a: torch.Tensor, b: torch.Tensor, delta: torch.Tensor):
+        """Eigenvalue of the block with factor eigenvalues `a`, `b`."""
+        if self.damping:
+            sd = torch.sqrt(delta)
+            return (a + sd) * (b + sd)
+        return a * b + delta
+
+    def _lowrank_parts(self, block_vecs, block_vals, delta):
+        """For a block with a wide factor: `(Q, U, lam, mu, wide_left)`."""
+        wide_left = isinstance(block_vals[0], LowRankFactor)
+        lr = block_vals[0] if wide_left else block_vals[1]
+        Q = block_vecs[1] if wide_left else block_vecs[0]
+        l_small = block_vals[1] if wide_left else block_vals[0]
+        c = lr.c
+        lam = self._combine(l_small[:, None], (lr.s + c)[None, :], delta)
+        mu = self._combine(l_small, c, delta)
+        return Q, lr.U, lam, mu, wide_left
+
+    @staticmethod
+    def _is_lowrank(block_vals) -> bool:
+        return any(isinstance(v, LowRankFactor) for v in block_vals)
+
+    # ---------------------------------------------------------------- logdet
+    def logdet(self) -> torch.Tensor:
+        """Log-determinant of the posterior precision (closed form)."""
+        total = 0
+        for vecs, vals, delta in zip(
+            self.eigenvectors, self.eigenvalues, self.deltas, strict=True
+        ):
+            if not self._is_lowrank(vals):
+                l1, l2 = vals
+                total = (
+                    total
+                    + torch.log(self._combine(l1[:, None], l2[None, :], delta)).sum()
+                )
+                continue
+            _, U, lam, mu, _ = self._lowrank_parts(vecs, vals, delta)
+            d, k = U.shape
+            total = total + torch.log(lam).sum() + (d - k) * torch.log(mu).sum()
+        return total
+
+    # ------------------------------------------------------------------- bmm
+    def _bmm(self, W: torch.Tensor, exponent: float = -1) -> torch.Tensor:
+        """``P^exponent @ W`` for `W` `(batch, classes, params)`."""
+        B, K, P = W.shape
+        W = W.reshape(B * K, P)
+        out, cur = [], 0
+        for vecs, vals, delta in zip(
+            self.eigenvectors, self.eigenvalues, self.deltas, strict=True
+        ):
+            n_out, n_in = len(vals[0]), len(vals[1])
+            Wp = W[:, cur : cur + n_out * n_in].reshape(B * K, n_out, n_in)
+            cur += n_out * n_in
+            if not self._is_lowrank(vals):
+                Q1, Q2 = vecs
+                l1, l2 = vals
+                f = self._combine(l1[:, None], l2[None, :], delta).pow(exponent)
+                res = Q1 @ ((Q1.T @ Wp @ Q2) * f) @ Q2.T
+            else:
+                Q, U, lam, mu, wide_left = self._lowrank_parts(vecs, vals, delta)
+                Wr = Wp.transpose(1, 2) if wide_left else Wp  # (BK, n_small, d)
+                W1 = Q.T @ Wr
+                A = W1 @ U
+                R = (A * lam.pow(exponent)) @ U.T + mu.pow(exponent)[:, None] * (
+                    W1 - A @ U.T
+                )
+                res = Q @ R
+                if wide_left:
+                    res = res.transpose(1, 2)
+            out.append(res.reshape(B * K, n_out * n_in))
+        return torch.cat(out, dim=1).reshape(B, K, P)
+
+    # ------------------------------------------------------------------ diag
+    def diag(self, exponent: float = 1) -> torch.Tensor:
+        """Diagonal of ``P^exponent``, `(params,)`."""
+        out = []
+        for vecs, vals, delta in zip(
+            self.eigenvectors, self.eigenvalues, self.deltas, strict=True
+        ):
+            if not self._is_lowrank(vals):
+                Q1, Q2 = vecs
+                l1, l2 = vals
+                f = self._combine(l1[:, None], l2[None, :], delta).pow(exponent)
+                out.append((Q1.square() @ f @ Q2.square().T).flatten())
+                continue
+            Q, U, lam, mu, wide_left = self._lowrank_parts(vecs, vals, delta)
+            Q2, U2 = Q.square(), U.square()
+            D = (Q2 @ lam.pow(exponent)) @ U2.T + (Q2 @ mu.pow(exponent))[:, None] * (
+                1 - U2.sum(1)
+            )[None, :]
+            out.append((D.T if wide_left else D).flatten())
+        return torch.cat(out)
+
+    # -------------------------------------------------------- dense (tests)
+    def to_matrix(self, exponent: float = 1) -> torch.Tensor:
+        """Dense ``P^exponent``; tests only (forms the full eigenbasis)."""
+        blocks = []
+        for vecs, vals, delta in zip(
+            self.eigenvectors, self.eigenvalues, self.deltas, strict=True
+        ):
+            Qs, ls = [], []
+            for Q, v in zip(vecs, vals, strict=True):
+                if isinstance(v, LowRankFactor):
+                    Q, v = v.full_eigenbasis()
+                Qs.append(Q)
+                ls.append(v)
+            f = self._combine(ls[0][:, None], ls[1][None, :], delta).pow(exponent)
+            Qk = kron(Qs[0], Qs[1])
+            blocks.append(Qk @ torch.diag(f.flatten()) @ Qk.T)
+        return block_diag(blocks)
