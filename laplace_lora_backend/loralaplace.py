@@ -16,10 +16,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from laplace import DiagLaplace, FullLaplace, KronLaplace
+from laplace.baselaplace import ParametricLaplace
+from laplace.utils import Kron
 from torch.utils.data import DataLoader
 
 from laplace_lora_backend.curvature.discovery import LoRAWeight, find_lora_weights
 from laplace_lora_backend.curvature.lora import LoRAGGN, LoRAInterface
+from laplace_lora_backend.matrix import LoRAKron
 
 __all__ = ["LoRALaplace", "LoRAKronLaplace", "LoRADiagLaplace", "LoRAFullLaplace"]
 
@@ -69,6 +72,12 @@ class LoRALaplace:
             )
         if isinstance(backend, type) and issubclass(backend, LoRAInterface):
             backend_kwargs["lora_modules"] = lora_modules
+            for key, value in self._lora_backend_options().items():
+                if backend_kwargs.setdefault(key, value) != value:
+                    raise ValueError(
+                        f"`{key}` is given twice with different values (argument "
+                        "and backend_kwargs); pass it once."
+                    )
         weights = find_lora_weights(model, lora_modules)
 
         prior_precision = arguments["prior_precision"]
@@ -91,8 +100,16 @@ class LoRALaplace:
         self.prior_mean = prior_mean
         self._init_H()
         self.mean = self.prior_mean
-        if issubclass(self._backend_cls, LoRAInterface):
+        if self._uses_lora_backend:
             _ = self.backend  # build it now: bad backend_kwargs fail here, not in fit
+
+    def _lora_backend_options(self) -> dict[str, Any]:
+        """Options this class adds to a LoRA backend's `backend_kwargs`."""
+        return {}
+
+    @property
+    def _uses_lora_backend(self) -> bool:
+        return issubclass(self._backend_cls, LoRAInterface)
 
     def fit(
         self,
@@ -123,10 +140,69 @@ class LoRALaplace:
 
 
 class LoRAKronLaplace(LoRALaplace, KronLaplace):
-    """K-FAC Laplace over the LoRA weights (`laplace.KronLaplace` semantics)."""
+    """K-FAC Laplace over the LoRA weights (`laplace.KronLaplace` semantics).
+
+    Wide Kronecker factors (the input factor of `lora_A`, the output factor of
+    `lora_B` on a wide projection) are kept as streaming low-rank-plus-
+    isotropic factors (`LowRankFactor`); see `LoRAKron` / `LoRAKronDecomposed`.
+
+    Parameters
+    ----------
+    model, likelihood, *args, lora_modules, **kwargs
+        See `LoRALaplace` and `laplace.KronLaplace`.
+    lowrank_threshold : int or None, default=512
+        Factors whose side is `>=` this are low-rank; `None`: all dense.
+    lowrank_rank : int, default=16
+        Rank `k` kept for each low-rank factor.
+    lowrank_residual : {'trace', 'none'}, default='trace'
+        Keep the spectrum truncation discards as ``c I`` (trace-preserving) or
+        drop it (its directions then fall back to the prior).
+    """
 
     # key to map to this class in laplace.Laplace: (subset_of_weights, structure)
     _key = ("lora", "kron")
+
+    def __init__(
+        self,
+        model,
+        likelihood,
+        *args: Any,
+        lowrank_threshold: int | None = 512,
+        lowrank_rank: int = 16,
+        lowrank_residual: str = "trace",
+        **kwargs: Any,
+    ) -> None:
+        self._lowrank_options = {
+            "lowrank_threshold": lowrank_threshold,
+            "lowrank_rank": lowrank_rank,
+            "lowrank_residual": lowrank_residual,
+        }
+        super().__init__(model, likelihood, *args, **kwargs)
+
+    def _lora_backend_options(self) -> dict[str, Any]:
+        return dict(self._lowrank_options)
+
+    def _init_H(self) -> None:
+        if getattr(self, "lora_weights", None) is not None and self._uses_lora_backend:
+            self.H = self.backend.init_kron()
+        else:  # during laplace-torch's __init__, or with a non-LoRA backend
+            super()._init_H()
+
+    def state_dict(self) -> dict[str, Any]:
+        """State with low-rank factors stored as plain tensors and numbers."""
+        state = super().state_dict()
+        if isinstance(self.H_facs, LoRAKron):
+            state["H"] = self.H_facs.to_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a `state_dict` (dense or low-rank factors)."""
+        ParametricLaplace.load_state_dict(self, state_dict)
+        if self._uses_lora_backend:
+            self.H_facs = LoRAKron.from_state(state_dict["H"])
+        else:
+            self.H_facs = Kron(state_dict["H"])
+        self.H = self.H_facs.decompose(damping=self.damping)
 
 
 class LoRADiagLaplace(LoRALaplace, DiagLaplace):

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from laplace.curvature import CurvatureInterface, EFInterface, GGNInterface
-from laplace.utils import Kron, Likelihood
+from laplace.utils import Likelihood
 from torch import nn
 
 from laplace_lora_backend.curvature.discovery import (
@@ -36,7 +36,7 @@ from laplace_lora_backend.curvature.discovery import (
     find_lora_weights,
     grad_enabled,
 )
-from laplace_lora_backend.curvature.factors import DenseFactor
+from laplace_lora_backend.curvature.factors import DenseFactor, LowRankAccumulator
 from laplace_lora_backend.curvature.hooks import ActivationRecorder
 from laplace_lora_backend.curvature.tokens import (
     KFACApprox,
@@ -44,6 +44,8 @@ from laplace_lora_backend.curvature.tokens import (
     per_example_view,
     token_rows,
 )
+from laplace_lora_backend.matrix import LoRAKron, LowRankResidual
+from laplace_lora_backend.matrix.lowrank import parse_residual
 
 __all__ = ["LoRAInterface", "LoRAGGN", "LoRAEF"]
 
@@ -72,6 +74,16 @@ class LoRAInterface(CurvatureInterface):
     mask_key : str or None, default='attention_mask'
         Key of the `(batch, tokens)` padding mask in dict batches; padding
         positions are excluded from the K-FAC factors. `None` disables masking.
+    lowrank_threshold : int or None, default=None
+        Kronecker factors whose side is `>= lowrank_threshold` are kept as
+        streaming rank-`lowrank_rank` factors (`LowRankFactor`); `None` keeps
+        all factors dense (laplace-torch's `Kron`-compatible default).
+        `LoRAKronLaplace` passes its own default (512).
+    lowrank_rank : int, default=16
+        Rank `k` of the low-rank factors.
+    lowrank_residual : {'trace', 'none'}, default='trace'
+        Keep the spectrum truncation discards as an isotropic ``c I``
+        (``'trace'``) or drop it (``'none'``).
     """
 
     def __init__(
@@ -85,6 +97,9 @@ class LoRAInterface(CurvatureInterface):
         lora_modules: str | Sequence[str] | re.Pattern | None = None,
         kfac_approx: KFACApprox | str = KFACApprox.EXPAND,
         mask_key: str | None = "attention_mask",
+        lowrank_threshold: int | None = None,
+        lowrank_rank: int = 16,
+        lowrank_residual: LowRankResidual | str = LowRankResidual.TRACE,
     ) -> None:
         if last_layer or subnetwork_indices is not None:
             raise ValueError(
@@ -101,6 +116,31 @@ class LoRAInterface(CurvatureInterface):
         self.lora_weights: list[LoRAWeight] = find_lora_weights(model, lora_modules)
         self.params = [w.param for w in self.lora_weights]
         self.params_dict = {w.name: w.param for w in self.lora_weights}
+        self.lowrank_threshold, self.lowrank_rank = check_lowrank_options(
+            lowrank_threshold, lowrank_rank, self.lora_weights
+        )
+        self.lowrank_residual = parse_residual(lowrank_residual)
+
+    def _new_factor(self, dim: int) -> DenseFactor | LowRankAccumulator:
+        """Accumulator for a factor of side `dim` (low-rank if wide)."""
+        p = self.params[0]
+        if self.lowrank_threshold is not None and dim >= self.lowrank_threshold:
+            return LowRankAccumulator(
+                dim, self.lowrank_rank, self.lowrank_residual, p.dtype, p.device
+            )
+        return DenseFactor(dim, p.dtype, p.device)
+
+    def init_kron(self) -> LoRAKron:
+        """Zero `LoRAKron` with this backend's dense / low-rank layout."""
+        p = self.params[0]
+        return LoRAKron.init_from_shapes(
+            [tuple(w.param.shape) for w in self.lora_weights],
+            p.dtype,
+            p.device,
+            self.lowrank_threshold,
+            self.lowrank_rank,
+            self.lowrank_residual,
+        )
 
     # ------------------------------------------------------------------ helpers
     def _recorder(self) -> ActivationRecorder:
@@ -223,7 +263,7 @@ class LoRAInterface(CurvatureInterface):
 
     def kron(
         self, x: Batch, y: torch.Tensor, N: int, **kwargs: Any
-    ) -> tuple[torch.Tensor, Kron]:
+    ) -> tuple[torch.Tensor, LoRAKron]:
         """K-FAC of the LoRA weights on one batch (laplace-torch convention).
 
         Parameters
@@ -242,20 +282,19 @@ class LoRAInterface(CurvatureInterface):
         -------
         loss : torch.Tensor
             `factor * summed loss`.
-        kron : laplace.utils.Kron
-            One block ``[F_out, F_in]`` per LoRA weight.
+        kron : LoRAKron
+            One block ``[F_out, F_in]`` per LoRA weight (a `laplace.utils.Kron`;
+            wide factors are `LowRankFactor` if `lowrank_threshold` is set).
         """
         approx = parse_kfac_approx(kwargs.get("kfac_approx", self.kfac_approx))
         mask = self._mask(x)
-        p = self.params[0]
         with torch.enable_grad(), grad_enabled(self.lora_weights):
             with self._recorder() as rec:
                 f = self._forward(x)
                 inputs = rec.checked_inputs()
-                in_factors = self._input_factors(inputs, mask, approx, p)
+                in_factors = self._input_factors(inputs, mask, approx)
                 out_factors = [
-                    DenseFactor(w.out_features, p.dtype, p.device)
-                    for w in self.lora_weights
+                    self._new_factor(w.out_features) for w in self.lora_weights
                 ]
                 loss = self.lossfunc(f, y)
                 passes = list(self._output_gradient_passes(f, y))
@@ -273,7 +312,7 @@ class LoRAInterface(CurvatureInterface):
             [G.value(), A.value(1.0 / N)]  # input factor: batch mean * M / N
             for G, A in zip(out_factors, in_factors, strict=True)
         ]
-        kron = Kron(blocks)
+        kron = LoRAKron(blocks)
         kron *= self.factor
         return self.factor * loss.detach(), kron
 
@@ -282,19 +321,18 @@ class LoRAInterface(CurvatureInterface):
         inputs: list[torch.Tensor],
         mask: torch.Tensor | None,
         approx: KFACApprox,
-        p: torch.Tensor,
-    ) -> list[DenseFactor]:
+    ) -> list[DenseFactor | LowRankAccumulator]:
         """Input factors, one accumulator per distinct input tensor.
 
         The q, k and v projections of a layer share their input, so their
         `lora_A` input factors are computed once.
         """
-        factors: list[DenseFactor] = []
-        seen: dict[tuple, DenseFactor] = {}
+        factors: list[DenseFactor | LowRankAccumulator] = []
+        seen: dict[tuple, DenseFactor | LowRankAccumulator] = {}
         for w, a in zip(self.lora_weights, inputs, strict=True):
             key = (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype)
             if key not in seen:
-                acc = DenseFactor(w.in_features, p.dtype, p.device)
+                acc = self._new_factor(w.in_features)
                 acc.add(*token_rows(a, mask, approx, is_input=True))
                 seen[key] = acc
             factors.append(seen[key])
@@ -314,8 +352,9 @@ class LoRAGGN(LoRAInterface, GGNInterface):
         See `LoRAInterface`.
     stochastic : bool, default=False
     num_samples : int, default=1
-    lora_modules, kfac_approx, mask_key
-        See `LoRAInterface`.
+    **lora_options
+        `lora_modules`, `kfac_approx`, `mask_key`, `lowrank_*`: see
+        `LoRAInterface`.
     """
 
     def __init__(
@@ -328,9 +367,7 @@ class LoRAGGN(LoRAInterface, GGNInterface):
         dict_key_y: str = "labels",
         stochastic: bool = False,
         num_samples: int = 1,
-        lora_modules: str | Sequence[str] | re.Pattern | None = None,
-        kfac_approx: KFACApprox | str = KFACApprox.EXPAND,
-        mask_key: str | None = "attention_mask",
+        **lora_options: Any,
     ) -> None:
         if int(num_samples) < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
@@ -344,9 +381,7 @@ class LoRAGGN(LoRAInterface, GGNInterface):
             subnetwork_indices,
             dict_key_x,
             dict_key_y,
-            lora_modules,
-            kfac_approx,
-            mask_key,
+            **lora_options,
         )
 
     def _output_gradient_passes(self, f: torch.Tensor, y: torch.Tensor):
@@ -384,3 +419,31 @@ class LoRAEF(LoRAInterface, EFInterface):
 
     def _output_gradient_passes(self, f: torch.Tensor, y: torch.Tensor):
         yield self.lossfunc(f, y), 1.0
+
+
+def check_lowrank_options(
+    threshold: int | None, rank: int, weights: Sequence[LoRAWeight]
+) -> tuple[int | None, int]:
+    """Validate `lowrank_threshold` / `lowrank_rank` against the LoRA ranks.
+
+    Raises
+    ------
+    ValueError
+        If `rank < 1`, or the threshold would compress a LoRA rank-`r` side.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"lowrank_rank must be an integer >= 1, got {rank!r}.")
+    if threshold is None:
+        return None, rank
+    if isinstance(threshold, bool) or not isinstance(threshold, int):
+        raise ValueError(
+            f"lowrank_threshold must be an int or None, got {threshold!r}."
+        )
+    r_max = max(min(w.param.shape) for w in weights)
+    if threshold <= r_max:
+        raise ValueError(
+            f"lowrank_threshold={threshold} would compress the LoRA rank-{r_max} "
+            "factors too; use a threshold above the LoRA rank (default 512), or "
+            "None for dense factors."
+        )
+    return threshold, rank
