@@ -41,6 +41,12 @@ from laplace_lora_backend import LoRAEF, LoRAGGN  # noqa: E402
 
 hf_logging.set_verbosity_error()
 N_CLASSES = 3
+DEVICE = torch.device("cpu")
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 class LastToken(nn.Module):
@@ -83,11 +89,11 @@ def tiny_llama():
         LlamaForCausalLM(cfg),
         LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
     )
-    model = LastToken(lm).eval()
+    model = LastToken(lm).eval().to(DEVICE)
     data = [
         {
-            "input_ids": torch.randint(0, 512, (64,)),
-            "labels": torch.randint(0, N_CLASSES, ()),
+            "input_ids": torch.randint(0, 512, (64,), device=DEVICE),
+            "labels": torch.randint(0, N_CLASSES, (), device=DEVICE),
         }
         for _ in range(32)
     ]
@@ -97,17 +103,19 @@ def tiny_llama():
 def wide_layer(d: int = 4096):
     torch.manual_seed(0)
     base = WideLayer(d)
-    model = get_peft_model(
-        base, LoraConfig(r=8, lora_alpha=16, target_modules=["proj"])
-    ).eval()
+    model = (
+        get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["proj"]))
+        .eval()
+        .to(DEVICE)
+    )
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.02)
     data = [
         {
-            "input_ids": torch.randn(16, d) / d**0.5,
-            "labels": torch.randint(0, N_CLASSES, ()),
+            "input_ids": torch.randn(16, d, device=DEVICE) / d**0.5,
+            "labels": torch.randint(0, N_CLASSES, (), device=DEVICE),
         }
         for _ in range(32)
     ]
@@ -155,10 +163,13 @@ def timed_pair(fn, base, repeats):
     fn(), base()  # warm-up
     times, ratios = [], []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         base()
+        sync()
         t1 = time.perf_counter()
         fn()
+        sync()
         t2 = time.perf_counter()
         times.append(t2 - t1)
         ratios.append((t2 - t1) / (t1 - t0))
@@ -187,8 +198,10 @@ def run_workload(make, repeats):
             rows.append({"contender": name, "error": msg})
         print(f"  {name:30s} {rows[-1]}", flush=True)
     H = curvature_pass(model, data, LoRAGGN, {})
+    sync()
     t0 = time.perf_counter()
     H.decompose()
+    sync()
     t_decompose = time.perf_counter() - t0
     factor_bytes = sum(F.numel() * F.element_size() for b in H.kfacs for F in b)
     return {
@@ -239,7 +252,11 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default="benchmarks/results")
     parser.add_argument("--width", type=int, default=4096)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--suffix", default="", help="appended to result names")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     meta = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores"

@@ -107,6 +107,16 @@ class LoRALaplace:
         """Options this class adds to a LoRA backend's `backend_kwargs`."""
         return {}
 
+    def _init_H(self) -> None:
+        if getattr(self, "lora_weights", None) is None:
+            # Called by laplace-torch's __init__ before the LoRA weights are
+            # selected: its own init would allocate curvature for every
+            # parameter that requires grad (a d x d zero factor per wide LoRA
+            # weight, or P x P for a full model). Deferred to our __init__.
+            self.H = None
+            return
+        super()._init_H()
+
     @property
     def _uses_lora_backend(self) -> bool:
         return issubclass(self._backend_cls, LoRAInterface)
@@ -185,7 +195,7 @@ class LoRAKronLaplace(LoRALaplace, KronLaplace):
     def _init_H(self) -> None:
         if getattr(self, "lora_weights", None) is not None and self._uses_lora_backend:
             self.H = self.backend.init_kron()
-        else:  # during laplace-torch's __init__, or with a non-LoRA backend
+        else:  # deferred during laplace-torch's __init__; non-LoRA backends
             super()._init_H()
 
     def state_dict(self) -> dict[str, Any]:

@@ -138,3 +138,33 @@ def test_bad_lowrank_options(kwargs, match):
             hessian_structure="kron",
             **kwargs,
         )
+
+
+def test_no_curvature_is_allocated_for_non_lora_parameters(monkeypatch):
+    """laplace-torch's __init__ would allocate zero curvature for every
+    parameter that requires grad (a d x d factor for a wide LoRA weight, P x P
+    for a full model): ours defers it until the LoRA weights are known."""
+    from laplace import FullLaplace
+    from laplace.utils import Kron
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("dense Kron.init_from_model was called")
+
+    monkeypatch.setattr(Kron, "init_from_model", refuse)
+    la, _, _ = fit(16, lowrank_rank=4)
+    assert la.H_facs is not None
+
+    model = make_peft_classifier("llama")
+    model.requires_grad_(True)  # base weights trainable too
+    sizes = []
+    original = FullLaplace._init_H
+
+    def spy(self):
+        original(self)
+        sizes.append(None if self.H is None else tuple(self.H.shape))
+
+    monkeypatch.setattr(FullLaplace, "_init_H", spy)
+    la = Laplace(
+        model, "classification", subset_of_weights="lora", hessian_structure="full"
+    )
+    assert sizes == [(la.n_params, la.n_params)]
