@@ -42,3 +42,4 @@ format:
 
 bench: setup-dev
 	$(PY) benchmarks/bench_fit.py
+	$(PY) benchmarks/bench_lowrank.py

@@ -218,7 +218,7 @@ def to_markdown(rows, huge, meta):
     lines = [
         "# Low-rank wide factors: fit time and factor memory vs width",
         "",
-        f"`python benchmarks/bench_lowrank.py` on {meta['machine']}, torch "
+        f"`{meta['command']}` on {meta['machine']}, torch "
         f"{meta['torch']}, {meta['threads']} thread(s), median of {meta['repeats']} "
         f"fits. One LoRA layer (r=8) with a d-wide input factor; {N_DATA} examples "
         f"x {TOKENS} tokens, batches of {BATCH}, 3 classes, exact GGN.",
@@ -312,6 +312,7 @@ def main():
         "torch": torch.__version__,
         "threads": args.threads,
         "repeats": args.repeats,
+        "command": "python benchmarks/bench_lowrank.py " + " ".join(sys.argv[1:]),
     }
     rows = [run_width(d, args.repeats, args.dense_max) for d in args.widths]
     huge = run_huge(args.huge, args.threads) if args.huge else None
