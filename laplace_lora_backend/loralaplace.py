@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
+import torch
 from laplace import DiagLaplace, FullLaplace, KronLaplace
 from laplace.baselaplace import ParametricLaplace
 from laplace.utils import Kron
@@ -22,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from laplace_lora_backend.curvature.discovery import LoRAWeight, find_lora_weights
 from laplace_lora_backend.curvature.lora import LoRAGGN, LoRAInterface
+from laplace_lora_backend.hf_models import as_logits_model
 from laplace_lora_backend.matrix import LoRAKron
 
 __all__ = ["LoRALaplace", "LoRAKronLaplace", "LoRADiagLaplace", "LoRAFullLaplace"]
@@ -61,6 +64,8 @@ class LoRALaplace:
         bound = inspect.signature(parent_init).bind(model, likelihood, *args, **kwargs)
         bound.apply_defaults()
         arguments = bound.arguments
+        # transformers / PEFT models take **batch and return ModelOutput
+        model = arguments["model"] = as_logits_model(model, arguments["dict_key_y"])
         backend = arguments["backend"] or LoRAGGN
         backend_kwargs = dict(arguments["backend_kwargs"] or {})
         if lora_modules is None:
@@ -120,6 +125,50 @@ class LoRALaplace:
     @property
     def _uses_lora_backend(self) -> bool:
         return issubclass(self._backend_cls, LoRAInterface)
+
+    # ------------------------------------------------ weight-sampling predictive
+    @contextmanager
+    def _restoring_lora_weights(self) -> Iterator[None]:
+        """Snapshot the LoRA weights; write them back bit for bit on exit.
+
+        Also on exceptions. Samples are copied in, so storages never change.
+        """
+        saved = [p.detach().clone() for p in self.params]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved, strict=True):
+                    p.copy_(s)
+
+    def _set_lora_weights(self, vector: torch.Tensor) -> None:
+        with torch.no_grad():
+            offset = 0
+            for p in self.params:
+                p.copy_(vector[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+
+    def _sampled_outputs(
+        self, X, n_samples: int, generator=None, **model_kwargs
+    ) -> Iterator[torch.Tensor]:
+        """Model outputs with LoRA weights drawn from the posterior."""
+        X = X.to(self._device) if isinstance(X, torch.Tensor) else X
+        grad = torch.enable_grad() if self.enable_backprop else torch.no_grad()
+        with self._restoring_lora_weights(), grad:
+            for sample in self.sample(n_samples, generator):
+                self._set_lora_weights(sample)
+                yield self.model(X, **model_kwargs)
+
+    def _nn_functional_samples(self, X, n_samples=100, generator=None, **model_kwargs):
+        return torch.stack(
+            list(self._sampled_outputs(X, n_samples, generator, **model_kwargs))
+        )
+
+    def _nn_predictive_classification(self, X, n_samples=100, **model_kwargs):
+        probs = 0.0
+        for logits in self._sampled_outputs(X, n_samples, **model_kwargs):
+            probs = probs + torch.softmax(logits, dim=-1) / n_samples
+        return probs
 
     def fit(
         self,

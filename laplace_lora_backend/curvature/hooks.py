@@ -31,26 +31,39 @@ class ActivationRecorder:
         Modules to watch; module `i`'s data is reported under index `i`.
     names : Sequence[str]
         Human-readable names, used in error messages.
+    keep_outputs : bool, default=False
+        Also keep each module's output tensor (in the autograd graph), for
+        gradients w.r.t. the outputs without tensor hooks.
 
     Attributes
     ----------
     inputs : list[torch.Tensor | None]
         Input of module `i` in the last forward pass, `(batch, *shared, in)`.
+    outputs : list[torch.Tensor | None]
+        Its output, `(batch, *shared, out)`, if `keep_outputs`.
     on_grad : callable or None
         Called as ``on_grad(i, g)`` with the gradient `g` w.r.t. module `i`'s
         output, `(batch, *shared, out)`, during every backward pass.
     """
 
-    def __init__(self, modules: Sequence[nn.Linear], names: Sequence[str]):
+    def __init__(
+        self,
+        modules: Sequence[nn.Linear],
+        names: Sequence[str],
+        keep_outputs: bool = False,
+    ):
         self.modules = list(modules)
         self.names = list(names)
+        self.keep_outputs = keep_outputs
         self.inputs: list[torch.Tensor | None] = [None] * len(self.modules)
+        self.outputs: list[torch.Tensor | None] = [None] * len(self.modules)
         self.on_grad: GradCallback | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def reset(self) -> None:
-        """Forget the inputs of the previous forward pass."""
+        """Forget the inputs (and outputs) of the previous forward pass."""
         self.inputs = [None] * len(self.modules)
+        self.outputs = [None] * len(self.modules)
 
     def __enter__(self) -> ActivationRecorder:
         self.reset()
@@ -72,6 +85,8 @@ class ActivationRecorder:
                 "exclude it with `lora_modules`."
             )
         self.inputs[i] = args[0].detach()
+        if self.keep_outputs:
+            self.outputs[i] = output
         if output.requires_grad:
             output.register_hook(partial(self._bwd, i))
 

@@ -143,9 +143,11 @@ class LoRAInterface(CurvatureInterface):
         )
 
     # ------------------------------------------------------------------ helpers
-    def _recorder(self) -> ActivationRecorder:
+    def _recorder(self, keep_outputs: bool = False) -> ActivationRecorder:
         return ActivationRecorder(
-            [w.module for w in self.lora_weights], [w.name for w in self.lora_weights]
+            [w.module for w in self.lora_weights],
+            [w.name for w in self.lora_weights],
+            keep_outputs=keep_outputs,
         )
 
     def _mask(self, x: Batch) -> torch.Tensor | None:
@@ -171,28 +173,18 @@ class LoRAInterface(CurvatureInterface):
             scalar, self.params, retain_graph=retain_graph, allow_unused=True
         )
 
-    def _per_example_weight_grads(
-        self, inputs: list[torch.Tensor], grads: list[torch.Tensor | None]
-    ) -> torch.Tensor:
-        """Per-example gradients of every LoRA weight, `(batch, P)`."""
-        out = []
-        for w, a, g in zip(self.lora_weights, inputs, grads, strict=True):
-            a3 = per_example_view(a)
-            if g is None:
-                out.append(a3.new_zeros(a3.shape[0], w.param.numel()))
-                continue
-            g3 = per_example_view(g).to(a3.dtype)
-            out.append(torch.einsum("bto,bti->boi", g3, a3).flatten(1))
-        return torch.cat(out, dim=1)
-
     # ------------------------------------------------------------- Jacobians
     def jacobians(
         self, x: Batch, enable_backprop: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Jacobians of the outputs w.r.t. the LoRA weights.
 
-        One backward pass per output; per-example Jacobians are read off the
-        recorded layer inputs and output gradients.
+        One forward pass; then vector-Jacobian products for all outputs at once
+        (`torch.autograd.grad` with ``is_grads_batched=True``, in chunks of
+        outputs that bound memory; one backward pass per output where an
+        operation has no batching rule). The VJPs are taken w.r.t. the LoRA
+        layer outputs, and per-example weight Jacobians are formed from them
+        and the layer inputs, so the cost grows linearly with the batch.
 
         Parameters
         ----------
@@ -214,17 +206,81 @@ class LoRAInterface(CurvatureInterface):
                 "CurvlinopsGGN backend for differentiable predictives."
             )
         with torch.enable_grad(), grad_enabled(self.lora_weights):
-            with self._recorder() as rec:
+            with self._recorder(keep_outputs=True) as rec:
                 f = self._forward(x)
                 inputs = rec.checked_inputs()
-                n_out = f.shape[1]
+                outputs = rec.outputs
+                B, C = f.shape
+                per_class = sum(o.numel() for o in outputs)  # floats per VJP
+                chunk = self.jacobian_chunk_size or max(
+                    1, int(self._JACOBIAN_BUDGET // max(per_class, 1))
+                )
                 Js = []
-                for c in range(n_out):
-                    grads: list[torch.Tensor | None] = [None] * len(inputs)
-                    rec.on_grad = grads.__setitem__
-                    self._backward(f[:, c].sum(), retain_graph=c < n_out - 1)
-                    Js.append(self._per_example_weight_grads(inputs, grads))
-        return torch.stack(Js, dim=1).detach(), f.detach()
+                for start in range(0, C, chunk):
+                    classes = range(start, min(start + chunk, C))
+                    V = f.new_zeros(len(classes), B, C)
+                    for k, c in enumerate(classes):
+                        V[k, :, c] = 1.0
+                    grads = self._batched_vjp(f, outputs, V, last=start + chunk >= C)
+                    Js.append(self._jacobian_block(inputs, grads, len(classes)))
+        return torch.cat(Js, dim=1).detach(), f.detach()
+
+    # floats of output-gradients held at once by `jacobians` (~256 MiB fp32)
+    _JACOBIAN_BUDGET = 2**26
+    jacobian_chunk_size: int | None = None
+
+    def _batched_vjp(
+        self,
+        f: torch.Tensor,
+        outputs: list[torch.Tensor],
+        V: torch.Tensor,
+        last: bool,
+    ) -> list[torch.Tensor | None]:
+        """Gradients of ``sum(f * V[k])`` w.r.t. each LoRA output, stacked over k.
+
+        Returns one `(k, batch, *shared, out)` tensor (or None) per module.
+        """
+        try:
+            return list(
+                torch.autograd.grad(
+                    f,
+                    outputs,
+                    grad_outputs=V,
+                    retain_graph=not last,
+                    is_grads_batched=True,
+                    allow_unused=True,
+                )
+            )
+        except RuntimeError:  # an op without a vmap rule: loop over the rows
+            per_row = [
+                torch.autograd.grad(
+                    f, outputs, grad_outputs=v, retain_graph=True, allow_unused=True
+                )
+                for v in V
+            ]
+            return [
+                None if g[0] is None else torch.stack(g)
+                for g in zip(*per_row, strict=True)
+            ]
+
+    def _jacobian_block(
+        self, inputs: list[torch.Tensor], grads: list[torch.Tensor | None], k: int
+    ) -> torch.Tensor:
+        """Per-example weight Jacobians `(batch, k, P)` from `k` output VJPs.
+
+        `grads[i]` is `(k, batch, *shared, out)` (or None if unused); the
+        weight gradient of example `b` is ``sum_t g[b, t] a[b, t]^T``.
+        """
+        B = inputs[0].shape[0]
+        out = []
+        for w, a, g in zip(self.lora_weights, inputs, grads, strict=True):
+            if g is None:
+                out.append(a.new_zeros(B, k, w.param.numel()))
+                continue
+            a3 = per_example_view(a)
+            g4 = g.reshape(k, B, -1, g.shape[-1]).to(a3.dtype)
+            out.append(torch.einsum("kbto,bti->bkoi", g4, a3).flatten(2))
+        return torch.cat(out, dim=2)
 
     def gradients(self, x: Batch, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-example gradients of the summed loss w.r.t. the LoRA weights.
@@ -242,14 +298,13 @@ class LoRAInterface(CurvatureInterface):
             Summed loss (without `factor`).
         """
         with torch.enable_grad(), grad_enabled(self.lora_weights):
-            with self._recorder() as rec:
+            with self._recorder(keep_outputs=True) as rec:
                 f = self._forward(x)
                 inputs = rec.checked_inputs()
-                grads: list[torch.Tensor | None] = [None] * len(inputs)
-                rec.on_grad = grads.__setitem__
                 loss = self.lossfunc(f, y)
-                self._backward(loss, retain_graph=False)
-                Gs = self._per_example_weight_grads(inputs, grads)
+                grads = torch.autograd.grad(loss, rec.outputs, allow_unused=True)
+                grads = [None if g is None else g.unsqueeze(0) for g in grads]
+                Gs = self._jacobian_block(inputs, grads, 1).squeeze(1)
         return Gs.detach(), loss.detach()
 
     # ------------------------------------------------------------------- K-FAC

@@ -1,0 +1,57 @@
+"""Call HF models with dict batches, the way laplace-torch calls models.
+
+laplace-torch calls ``model(batch)`` with the whole batch dict; a transformers
+model wants ``model(**batch)`` and returns a `ModelOutput`. `HFLogitsModel`
+bridges the two, so a `...ForSequenceClassification` model (PEFT or not)
+needs no hand-written wrapper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, MutableMapping
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["HFLogitsModel", "as_logits_model", "is_hf_model"]
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """Whether `model` is a transformers model or a PEFT model around one."""
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel | PeftModel)
+
+
+class HFLogitsModel(nn.Module):
+    """``model(batch) -> logits`` for a transformers / PEFT model.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel or peft.PeftModel
+    drop_keys : Iterable[str], default=("labels",)
+        Batch keys not passed to the model (so it computes no loss).
+    """
+
+    def __init__(self, model: nn.Module, drop_keys: Iterable[str] = ("labels",)):
+        super().__init__()
+        self.model = model
+        self.drop_keys = frozenset(drop_keys)
+
+    def forward(self, batch: torch.Tensor | MutableMapping[str, Any]) -> torch.Tensor:
+        """Logits `(batch, outputs)` (or whatever shape the model returns)."""
+        if isinstance(batch, torch.Tensor):
+            out = self.model(input_ids=batch)
+        else:
+            kwargs = {k: v for k, v in batch.items() if k not in self.drop_keys}
+            out = self.model(**kwargs)
+        return out.logits if hasattr(out, "logits") else out
+
+
+def as_logits_model(model: nn.Module, dict_key_y: str = "labels") -> nn.Module:
+    """Wrap transformers / PEFT models in `HFLogitsModel`; others unchanged."""
+    if is_hf_model(model):
+        return HFLogitsModel(model, drop_keys=(dict_key_y,))
+    return model
