@@ -126,6 +126,29 @@ class LoRALaplace:
     def _uses_lora_backend(self) -> bool:
         return issubclass(self._backend_cls, LoRAInterface)
 
+    # ------------------------------------------------------------ GLM predictive
+    @torch.enable_grad()
+    def _glm_predictive_distribution(self, X, joint=False, diagonal_output=False):
+        """GLM mean and covariance of the outputs.
+
+        If the model's outputs are a fixed linear map of fewer features
+        (``model.linear_head()`` returns `(W, b)` with more rows than columns,
+        e.g. many answer tokens read through a frozen `lm_head`), the
+        Jacobians are taken w.r.t. the features and ``W Cov W^T`` is formed:
+        `hidden` instead of `C` vector-Jacobian products, no `(B, C, P)` tensor.
+        """
+        head = getattr(self.model, "linear_head", None)
+        Wb = head() if callable(head) and self._uses_lora_backend else None
+        if Wb is None or joint or Wb[0].shape[0] <= Wb[0].shape[1]:
+            return super()._glm_predictive_distribution(X, joint, diagonal_output)
+        W, b = (t.detach() if t is not None else None for t in Wb)
+        Js, h = self.backend.jacobians(X, features=True)
+        f_mu = h @ W.T if b is None else h @ W.T + b
+        f_var = W @ self.functional_variance(Js) @ W.T
+        if diagonal_output:
+            f_var = torch.diagonal(f_var, dim1=-2, dim2=-1)
+        return f_mu.detach(), f_var.detach()
+
     # ------------------------------------------------ weight-sampling predictive
     @contextmanager
     def _restoring_lora_weights(self) -> Iterator[None]:

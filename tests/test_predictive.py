@@ -128,3 +128,48 @@ def test_nn_predictive_restores_weights_after_an_exception(fitted):
     finally:
         handle.remove()
     assert all(torch.equal(p, b) for p, b in zip(ours.params, before, strict=True))
+
+
+def test_many_answers_use_feature_jacobians_with_identical_results():
+    """C > hidden with a frozen lm_head: Jacobians of the hidden features and
+    W Cov W^T give the same predictive as Jacobians of the C outputs."""
+    from helpers import make_lm
+    from peft import LoraConfig, get_peft_model
+
+    from laplace_lora_backend.llm import AnswerTokenClassifier
+
+    lm, targets = make_lm("llama")
+    peft_lm = get_peft_model(lm.double(), LoraConfig(r=4, target_modules=targets))
+    with torch.no_grad():
+        for n, p in peft_lm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    model = AnswerTokenClassifier(peft_lm, list(range(35))).eval()  # 35 > 32
+    train = make_batch(n=6, pad=True, n_out=35)
+    la = Laplace(
+        model,
+        "classification",
+        subset_of_weights="lora",
+        hessian_structure="kron",
+        prior_precision=0.5,
+    )
+    la.fit(make_loader(train))
+    test = make_batch(n=4, pad=True, seed=5, n_out=35)
+    calls = []
+    original = la.backend.jacobians
+
+    def spy(x, enable_backprop=False, features=False):
+        calls.append(features)
+        return original(x, enable_backprop, features)
+
+    la.backend.jacobians = spy
+    mu, var = la._glm_predictive_distribution(test)
+    p_feat = la(test, link_approx="probit")
+    model.linear_head = lambda: None  # force the direct C-output path
+    mu_ref, var_ref = la._glm_predictive_distribution(test)
+    assert calls == [True, True, False]
+    assert var.shape == (4, 35, 35)
+    # HF's RMSNorm runs in float32 even in a float64 model, so VJPs with
+    # different cotangents agree to float32 rounding only (~1e-7 here).
+    assert rel_err(mu, mu_ref) < 1e-10 and rel_err(var, var_ref) < 1e-6
+    assert rel_err(p_feat, la(test, link_approx="probit")) < 1e-6

@@ -156,8 +156,8 @@ class LoRAInterface(CurvatureInterface):
         mask = x.get(self.mask_key)
         return None if mask is None else torch.as_tensor(mask)
 
-    def _forward(self, x: Batch) -> torch.Tensor:
-        f = self.model(x)
+    def _forward(self, x: Batch, features: bool = False) -> torch.Tensor:
+        f = self.model.forward_features(x) if features else self.model(x)
         if not isinstance(f, torch.Tensor) or f.ndim != 2:
             shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
             raise ValueError(
@@ -175,7 +175,7 @@ class LoRAInterface(CurvatureInterface):
 
     # ------------------------------------------------------------- Jacobians
     def jacobians(
-        self, x: Batch, enable_backprop: bool = False
+        self, x: Batch, enable_backprop: bool = False, features: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Jacobians of the outputs w.r.t. the LoRA weights.
 
@@ -192,6 +192,10 @@ class LoRAInterface(CurvatureInterface):
             Batch on the model's device.
         enable_backprop : bool, default=False
             Not supported by this backend.
+        features : bool, default=False
+            Differentiate ``model.forward_features(x)`` instead of the outputs
+            (models whose outputs are a fixed linear map of features, see
+            `AnswerTokenClassifier.linear_head`).
 
         Returns
         -------
@@ -207,7 +211,7 @@ class LoRAInterface(CurvatureInterface):
             )
         with torch.enable_grad(), grad_enabled(self.lora_weights):
             with self._recorder(keep_outputs=True) as rec:
-                f = self._forward(x)
+                f = self._forward(x, features=features)
                 inputs = rec.checked_inputs()
                 outputs = rec.outputs
                 B, C = f.shape

@@ -180,8 +180,32 @@ class AnswerTokenClassifier(nn.Module):
         """Number of answers `C`."""
         return len(self.answer_ids)
 
+    def linear_head(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """`(W, b)` with ``forward(x) = forward_features(x) @ W.T + b``.
+
+        `W` is `(C, hidden)`: the answer rows of `lm_head`. None if `lm_head`
+        carries LoRA (then the outputs are not a fixed map of the features).
+        With many answers (C > hidden) the GLM predictive differentiates the
+        `hidden` features instead of the C outputs.
+        """
+        head = _causal_lm(self.model).get_output_embeddings()
+        if type(head) is not nn.Linear:
+            return None
+        if self.trimmed:
+            return head.weight, head.bias
+        bias = None if head.bias is None else head.bias[self._rows]
+        return head.weight[self._rows], bias
+
     def forward(self, batch: torch.Tensor | MutableMapping[str, Any]) -> torch.Tensor:
         """Answer logits `(batch, C)`."""
+        h = self.forward_features(batch)
+        logits = _causal_lm(self.model).get_output_embeddings()(h)
+        return logits if self.trimmed else logits[:, self._rows]
+
+    def forward_features(
+        self, batch: torch.Tensor | MutableMapping[str, Any]
+    ) -> torch.Tensor:
+        """Hidden state of the last real token, `(batch, hidden)`."""
         if isinstance(batch, torch.Tensor):
             ids, mask = batch, None
         else:
@@ -198,6 +222,4 @@ class AnswerTokenClassifier(nn.Module):
         else:
             last = torch.full((ids.shape[0],), T - 1, device=ids.device)
         hidden = self._backbone(**kwargs).last_hidden_state
-        h = hidden[torch.arange(ids.shape[0], device=ids.device), last]
-        logits = _causal_lm(self.model).get_output_embeddings()(h)
-        return logits if self.trimmed else logits[:, self._rows]
+        return hidden[torch.arange(ids.shape[0], device=ids.device), last]
