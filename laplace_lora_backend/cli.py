@@ -1,84 +1,70 @@
-"""`laplace-lora` command line: ``laplace-lora demo``.
+"""`laplace-lora` command line (also ``python -m laplace_lora_backend``).
 
-The demo is, for now, a smoke run on a tiny random-init Llama with LoRA:
-fit ``("lora", "kron")``, tune the prior by marginal likelihood and print the
-probit predictive next to the MAP softmax.
+``laplace-lora demo``: fine-tune LoRA on SmolLM2-135M-Instruct and a real data
+set, fit Laplace-LoRA and its baselines, and write the calibration table,
+JSON and reliability diagram (see `laplace_lora_backend.demo`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import time
 
 
-def _tiny_demo(seed: int) -> None:
-    import torch
-    from laplace import Laplace
-    from peft import LoraConfig, get_peft_model
-    from torch import nn
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _demo_args(parser: argparse.ArgumentParser) -> None:
+    from laplace_lora_backend.demo import DemoConfig
 
-    import laplace_lora_backend  # noqa: F401  (registers "lora")
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation="eager",
+    d = DemoConfig()
+    parser.add_argument("--dataset", default=d.dataset, help="drugreview | bbcnews")
+    parser.add_argument(
+        "--model",
+        default=d.model,
+        choices=["smollm2", "tiny"],
+        help="'tiny': random-init tiny Llama (smoke test)",
     )
-    lm = get_peft_model(
-        LlamaForCausalLM(cfg),
-        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    parser.add_argument("--seeds", type=int, nargs="+", default=d.seeds)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="few examples and steps (smoke test, minutes)",
     )
-
-    class LastToken(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lm = lm
-
-        def forward(self, batch):
-            out = self.lm(input_ids=batch["input_ids"], logits_to_keep=1)
-            return out.logits[:, -1, :3]
-
-    model = LastToken().eval()
-    ids = torch.randint(3, 64, (32, 12))
-    labels = torch.randint(0, 3, (32,))
-    data = [{"input_ids": ids[i], "labels": labels[i]} for i in range(32)]
-    loader = torch.utils.data.DataLoader(data, batch_size=8)
-
-    t0 = time.perf_counter()
-    la = Laplace(
-        model, "classification", subset_of_weights="lora", hessian_structure="kron"
-    )
-    la.fit(loader, progress_bar=True)
-    t_fit = time.perf_counter() - t0
-    la.optimize_prior_precision(method="marglik", n_steps=50)
-    batch = {"input_ids": ids[:4]}
-    with torch.no_grad():
-        map_probs = model(batch).softmax(-1)
-    probs = la(batch, pred_type="glm", link_approx="probit")
-    print(f"LoRA weights: {la.n_layers} tensors, {la.n_params} parameters")
-    prior = la.prior_precision.item()
-    print(f"fit: {t_fit:.2f} s; prior precision (marglik): {prior:.4g}")
-    print("MAP softmax:\n", map_probs)
-    print("Laplace-LoRA probit predictive:\n", probs)
+    parser.add_argument("--output", default=d.output, help="folder for the results")
+    for name in (
+        "n_train",
+        "n_val",
+        "n_test",
+        "max_length",
+        "batch_size",
+        "steps",
+        "mcd_samples",
+        "threads",
+    ):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--kfac-backend", choices=["ggn", "mc", "ef"], default=None)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``laplace-lora`` console script."""
     parser = argparse.ArgumentParser(prog="laplace-lora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="fit Laplace-LoRA and predict (smoke demo)")
-    demo.add_argument("--seed", type=int, default=0)
+    _demo_args(sub.add_parser("demo", help="MAP vs Laplace-LoRA calibration demo"))
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.command == "demo":
-        _tiny_demo(args.seed)
+        from laplace_lora_backend.demo import DemoConfig, run_demo
+
+        overrides = {
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("command", "quick") and v is not None
+        }
+        cfg = (
+            DemoConfig.quick_config(**overrides)
+            if args.quick
+            else DemoConfig(**overrides)
+        )
+        run_demo(cfg)
 
 
 if __name__ == "__main__":
