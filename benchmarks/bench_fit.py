@@ -14,17 +14,14 @@ Usage: ``python benchmarks/bench_fit.py [--repeats 3] [--output benchmarks/resul
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from common import run_meta, write_results  # noqa: E402
 from laplace import KronLaplace  # noqa: E402
 from laplace.curvature import (  # noqa: E402
     AsdlEF,
@@ -259,28 +256,18 @@ def main():
     global DEVICE
     DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    meta = {
-        "machine": f"{platform.machine()} {os.cpu_count()} cores"
-        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
-        "torch": torch.__version__,
-        "threads": args.threads,
-        "repeats": args.repeats,
-        "command": "python benchmarks/bench_fit.py " + " ".join(sys.argv[1:]),
-    }
+    meta = run_meta("bench_fit.py", args, DEVICE)
     results = []
     for make in (tiny_llama, lambda: wide_layer(args.width)):
         res = run_workload(make, args.repeats)
         print(res["workload"], f"fwd+bwd {res['fwd_bwd_seconds']:.3f}s", flush=True)
         results.append(res)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"fit{args.suffix}"
-    (out / f"{name}.json").write_text(
-        json.dumps({"meta": meta, "results": results}, indent=2)
+    write_results(
+        args.output,
+        f"fit{args.suffix}",
+        {"meta": meta, "results": results},
+        to_markdown(results, meta),
     )
-    md = to_markdown(results, meta)
-    (out / f"{name}.md").write_text(md + "\n")
-    print(md)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,7 @@ Usage: ``python benchmarks/bench_lowrank.py [--repeats 3] [--output DIR]``
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,6 +29,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from common import run_meta, write_results  # noqa: E402
 from laplace import KronLaplace, Laplace  # noqa: E402
 from laplace.curvature import CurvlinopsGGN  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
@@ -306,27 +305,16 @@ def main():
     global DEVICE
     DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    meta = {
-        "machine": f"{platform.machine()} {os.cpu_count()} cores"
-        + (f", {torch.cuda.get_device_name()}" if DEVICE.type == "cuda" else ""),
-        "torch": torch.__version__,
-        "threads": args.threads,
-        "repeats": args.repeats,
-        "command": "python benchmarks/bench_lowrank.py " + " ".join(sys.argv[1:]),
-    }
+    meta = run_meta("bench_lowrank.py", args, DEVICE)
     rows = [run_width(d, args.repeats, args.dense_max) for d in args.widths]
     huge = run_huge(args.huge, args.threads) if args.huge else None
     print("huge:", huge, flush=True)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     name = f"lowrank{args.suffix}"
-    (out / f"{name}.json").write_text(
-        json.dumps({"meta": meta, "widths": rows, "huge": huge}, indent=2)
+    md = to_markdown(rows, huge, meta).replace("(lowrank.png)", f"({name}.png)")
+    out = write_results(
+        args.output, name, {"meta": meta, "widths": rows, "huge": huge}, md
     )
     plot(rows, out / f"{name}.png")
-    md = to_markdown(rows, huge, meta).replace("(lowrank.png)", f"({name}.png)")
-    (out / f"{name}.md").write_text(md + "\n")
-    print(md)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,7 @@ Usage: ``python benchmarks/bench_predict.py [--device cpu] [--smollm2]``
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,6 +28,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from common import run_meta, write_results  # noqa: E402
 from laplace import KronLaplace, Laplace  # noqa: E402
 from laplace.curvature import CurvlinopsGGN  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
@@ -200,7 +199,7 @@ def many_outputs(repeats, C=1000, n=8, T=16, limit_gib=16):
         f" (before: {rss0 / 2**30:.2f})",
     }
     print("ours", out["ours"], flush=True)
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # fork can deadlock torch's thread pool
     queue = ctx.Queue()
     child = ctx.Process(
         target=_laplace_torch_child, args=(C, n, T, limit_gib * 2**30, queue)
@@ -281,26 +280,31 @@ def to_markdown(res, meta):
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         lines.append("")
 
-    grid(res["tiny"]["title"], res["tiny"]["rows"])
-    m = res["many"]
-    lines += [
-        f"## {m['C']} outputs, {m['inputs']} inputs of {m['tokens']} tokens, 2-layer "
-        "toy Llama (hidden 64): ours vs laplace-torch's default path (same posterior)",
-        "",
-        "| | seconds | memory |",
-        "|---|---:|---|",
-    ]
-    for name in ("ours", "laplace-torch"):
-        r = m[name]
-        secs = f"{r['seconds']:.3f}" if "seconds" in r else f"failed: {r['error']}"
-        lines.append(f"| {name} | {secs} | {m[name + '_peak']} |")
-    if "speedup" in m:
+    if res.get("tiny"):
+        grid(res["tiny"]["title"], res["tiny"]["rows"])
+    m = res.get("many")
+    if m:
         lines += [
+            f"## {m['C']} outputs, {m['inputs']} inputs of {m['tokens']} tokens: "
+            "ours vs laplace-torch's default path (same posterior)",
             "",
-            f"Speed-up: **{m['speedup']:.0f}x** (target >= 50x); max relative "
-            f"difference of the probit probabilities: {m['max_rel_diff_probs']:.1e}.",
+            "2-layer toy Llama (hidden 64), answers read through its frozen lm_head.",
+            "",
+            "| | seconds | memory |",
+            "|---|---:|---|",
         ]
-    lines.append("")
+        for name in ("ours", "laplace-torch"):
+            r = m[name]
+            secs = f"{r['seconds']:.3f}" if "seconds" in r else f"failed: {r['error']}"
+            lines.append(f"| {name} | {secs} | {m[name + '_peak']} |")
+        if "speedup" in m:
+            lines += [
+                "",
+                f"Speed-up: **{m['speedup']:.0f}x** (target >= 50x); max relative "
+                "difference of the probit probabilities: "
+                f"{m['max_rel_diff_probs']:.1e}.",
+            ]
+        lines.append("")
     if res.get("smollm2"):
         grid(res["smollm2"]["title"], res["smollm2"]["rows"])
     return "\n".join(lines)
@@ -313,30 +317,27 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--smollm2", action="store_true")
+    parser.add_argument(
+        "--sections", nargs="+", default=["tiny", "many"], choices=["tiny", "many"]
+    )
     parser.add_argument("--output", default="benchmarks/results")
     parser.add_argument("--suffix", default="")
     args = parser.parse_args()
     DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    meta = {
-        "machine": f"{platform.machine()} {os.cpu_count()} cores"
-        + (f", {torch.cuda.get_device_name()}" if DEVICE.type == "cuda" else ""),
-        "torch": torch.__version__,
-        "threads": args.threads,
-        "repeats": args.repeats,
-        "command": "python benchmarks/bench_predict.py " + " ".join(sys.argv[1:]),
-    }
+    meta = run_meta("bench_predict.py", args, DEVICE)
     vocab = 1024
-    lm = tiny_llama(vocab)
-    res = {
-        "tiny": {
+    res = {}
+    if "tiny" in args.sections:
+        lm = tiny_llama(vocab)
+        res["tiny"] = {
             "title": "tiny Llama (h=256, 4 layers, LoRA r=8 on q,v; 32 tokens)",
             "rows": ratio_grid(
                 lambda C: AnswerTokenClassifier(lm, list(range(C))), vocab, args.repeats
             ),
         }
-    }
-    res["many"] = many_outputs(args.repeats)
+    if "many" in args.sections:
+        res["many"] = many_outputs(args.repeats)
     if args.smollm2:
         model3 = smollm2_model()
         vocab_s = 49152
@@ -344,13 +345,12 @@ def main():
             "title": "SmolLM2-135M-Instruct (LoRA r=8 on q,v; 32 tokens)",
             "rows": ratio_grid(lambda C: model3, vocab_s, args.repeats, classes=(3,)),
         }
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"predict{args.suffix}"
-    (out / f"{name}.json").write_text(json.dumps({"meta": meta, **res}, indent=2))
-    md = to_markdown(res, meta)
-    (out / f"{name}.md").write_text(md + "\n")
-    print(md)
+    write_results(
+        args.output,
+        f"predict{args.suffix}",
+        {"meta": meta, **res},
+        to_markdown(res, meta),
+    )
 
 
 if __name__ == "__main__":

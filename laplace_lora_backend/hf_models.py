@@ -18,11 +18,16 @@ __all__ = ["HFLogitsModel", "as_logits_model", "is_hf_model"]
 
 
 def is_hf_model(model: nn.Module) -> bool:
-    """Whether `model` is a transformers model or a PEFT model around one."""
+    """Whether `model` is a transformers model or a PEFT model around one.
+
+    A PEFT model around a plain `nn.Module` is not: it is called as is.
+    """
     from peft import PeftModel
     from transformers import PreTrainedModel
 
-    return isinstance(model, PreTrainedModel | PeftModel)
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
+    return isinstance(model, PreTrainedModel)
 
 
 class HFLogitsModel(nn.Module):

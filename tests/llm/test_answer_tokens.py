@@ -117,3 +117,26 @@ def test_sequence_classification_model_needs_no_wrapper():
     assert probs.shape == (6, 3)
     assert torch.allclose(probs.sum(-1), torch.ones(6, dtype=torch.float64))
     assert all("lora_" in w.name for w in la.lora_weights)
+
+
+def test_peft_around_a_plain_module_is_called_as_is():
+    """Only transformers models get `model(**batch).logits`; a PEFT-wrapped
+    custom module taking the batch dict is called unchanged."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(6, 3)
+
+        def forward(self, batch):
+            return self.proj(batch["input_ids"].double())
+
+    torch.manual_seed(0)
+    net = get_peft_model(Net().double(), LoraConfig(r=2, target_modules=["proj"]))
+    data = {"input_ids": torch.randn(6, 6), "labels": torch.randint(0, 3, (6,))}
+    la = Laplace(
+        net, "classification", subset_of_weights="lora", hessian_structure="kron"
+    )
+    assert la.model is net
+    la.fit(make_loader(data))
+    assert la(data).shape == (6, 3)
