@@ -205,10 +205,10 @@ def many_outputs(repeats, C=1000, n=8, T=16, limit_gib=16):
         target=_laplace_torch_child, args=(C, n, T, limit_gib * 2**30, queue)
     )
     child.start()
-    child.join(timeout=1200)
+    child.join(timeout=600)
     if child.is_alive():
         child.kill()
-        ref = {"error": "timeout after 1200 s"}
+        ref = {"error": "timeout after 600 s"}
     else:
         ref = queue.get() if not queue.empty() else {"error": f"exit {child.exitcode}"}
     print("laplace-torch", {k: v for k, v in ref.items() if k != "probs"}, flush=True)

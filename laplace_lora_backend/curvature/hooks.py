@@ -32,8 +32,8 @@ class ActivationRecorder:
     names : Sequence[str]
         Human-readable names, used in error messages.
     keep_outputs : bool, default=False
-        Also keep each module's output tensor (in the autograd graph), for
-        gradients w.r.t. the outputs without tensor hooks.
+        Keep each module's output tensor (in the autograd graph), for
+        gradients w.r.t. the outputs, instead of installing tensor hooks.
 
     Attributes
     ----------
@@ -75,7 +75,11 @@ class ActivationRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        # Break the cycle output tensor -> tensor hook -> recorder -> output:
+        # the garbage collector cannot see through autograd's C++ hooks, so
+        # without this every call leaked its whole autograd graph.
         self.on_grad = None
+        self.reset()
 
     def _fwd(self, i: int, module: nn.Module, args: tuple, output: torch.Tensor):
         if self.inputs[i] is not None:
@@ -85,9 +89,9 @@ class ActivationRecorder:
                 "exclude it with `lora_modules`."
             )
         self.inputs[i] = args[0].detach()
-        if self.keep_outputs:
+        if self.keep_outputs:  # gradients are taken w.r.t. the outputs directly
             self.outputs[i] = output
-        if output.requires_grad:
+        elif output.requires_grad:
             output.register_hook(partial(self._bwd, i))
 
     def _bwd(self, i: int, grad: torch.Tensor) -> None:

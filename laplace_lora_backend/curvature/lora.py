@@ -213,7 +213,7 @@ class LoRAInterface(CurvatureInterface):
             with self._recorder(keep_outputs=True) as rec:
                 f = self._forward(x, features=features)
                 inputs = rec.checked_inputs()
-                outputs = rec.outputs
+                outputs = list(rec.outputs)
                 B, C = f.shape
                 per_class = sum(o.numel() for o in outputs)  # floats per VJP
                 chunk = self.jacobian_chunk_size or max(
@@ -306,7 +306,7 @@ class LoRAInterface(CurvatureInterface):
                 f = self._forward(x)
                 inputs = rec.checked_inputs()
                 loss = self.lossfunc(f, y)
-                grads = torch.autograd.grad(loss, rec.outputs, allow_unused=True)
+                grads = torch.autograd.grad(loss, list(rec.outputs), allow_unused=True)
                 grads = [None if g is None else g.unsqueeze(0) for g in grads]
                 Gs = self._jacobian_block(inputs, grads, 1).squeeze(1)
         return Gs.detach(), loss.detach()
