@@ -214,7 +214,7 @@ def many_outputs(repeats, C=1000, n=8, T=16, limit_gib=16):
     print("laplace-torch", {k: v for k, v in ref.items() if k != "probs"}, flush=True)
     if "error" in ref:
         out["laplace-torch"] = {"error": ref["error"]}
-        out["laplace-torch_peak"] = f"failed under a {limit_gib} GiB limit"
+        out["laplace-torch_peak"] = f"child limited to {limit_gib} GiB address space"
         return out
     p_r = torch.tensor(ref["probs"], dtype=p_o.dtype)
     out["laplace-torch"] = {"seconds": ref["seconds"]}
