@@ -61,3 +61,38 @@ def test_every_method_returns_probabilities():
         assert torch.allclose(
             p.sum(1), torch.ones(cfg.n_test, dtype=p.dtype), atol=1e-5
         )
+
+
+@pytest.mark.parametrize("prior", [0.5, 20.0])
+def test_glm_cache_equals_laplace_probit_for_kron_and_diag(prior):
+    """One Jacobian pass scores kron and diag posteriors as `la(x)` would."""
+    from laplace import Laplace
+
+    from laplace_lora_backend import LoRAGGN
+    from laplace_lora_backend.demo import GLMCache, build_model, make_splits
+
+    cfg = DemoConfig.quick_config(model="tiny", n_train=16, n_val=8, n_test=16)
+    data = load_dataset("drugreview")
+    model, tokenizer = build_model(cfg, data, 0)
+    splits = make_splits(cfg, data, tokenizer, 0)
+    las = []
+    for structure in ("kron", "diag"):
+        la = Laplace(
+            model,
+            "classification",
+            subset_of_weights="lora",
+            hessian_structure=structure,
+            backend=LoRAGGN,
+        )
+        la.fit(splits["train"])
+        las.append(la)
+    cache = GLMCache(las[0], splits["test"])
+    for la in las:
+        la.prior_precision = prior
+        expected = torch.cat(
+            [la(b, pred_type="glm", link_approx="probit") for b in splits["test"]]
+        )
+        got = cache.probs(prior, la)
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+    # the two posteriors differ, so the check above is not vacuous
+    assert not torch.allclose(cache.probs(prior, las[0]), cache.probs(prior, las[1]))
