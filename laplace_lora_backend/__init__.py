@@ -20,7 +20,11 @@ from laplace_lora_backend.curvature import (
     find_lora_weights,
 )
 from laplace_lora_backend.errors import (
+    AdapterMismatchError,
+    LoRAAdaptersChangedError,
     LoRALayerNotFoundError,
+    NonFiniteError,
+    NotFittedError,
     UnsupportedLoRALayerError,
 )
 from laplace_lora_backend.loralaplace import (
@@ -29,10 +33,12 @@ from laplace_lora_backend.loralaplace import (
     LoRAKronLaplace,
     LoRALaplace,
 )
+from laplace_lora_backend.serialization import load_posterior, save_posterior
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterMismatchError",
     "KFACApprox",
     "LoRADiagLaplace",
     "LoRAEF",
@@ -40,9 +46,14 @@ __all__ = [
     "LoRAGGN",
     "LoRAInterface",
     "LoRAKronLaplace",
+    "LoRAAdaptersChangedError",
     "LoRALaplace",
     "LoRALayerNotFoundError",
+    "NonFiniteError",
+    "NotFittedError",
     "LoRAWeight",
     "UnsupportedLoRALayerError",
     "find_lora_weights",
+    "load_posterior",
+    "save_posterior",
 ]

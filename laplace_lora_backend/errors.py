@@ -6,7 +6,14 @@ written against laplace-torch, which raises builtins, keeps working.
 
 from __future__ import annotations
 
-__all__ = ["LoRALayerNotFoundError", "UnsupportedLoRALayerError"]
+__all__ = [
+    "LoRALayerNotFoundError",
+    "UnsupportedLoRALayerError",
+    "NotFittedError",
+    "NonFiniteError",
+    "LoRAAdaptersChangedError",
+    "AdapterMismatchError",
+]
 
 
 class LoRALayerNotFoundError(ValueError):
@@ -23,3 +30,25 @@ class UnsupportedLoRALayerError(ValueError):
     Merged or disabled adapters, DoRA and other LoRA variants, embedding or
     convolution LoRA, and `lora_bias`.
     """
+
+
+class NotFittedError(ValueError, AttributeError):
+    """The posterior is used (predict, evidence, prior tuning) before `fit`.
+
+    Also an `AttributeError`, which laplace-torch raises in this case.
+    """
+
+
+class NonFiniteError(ValueError):
+    """NaN or Inf in activations, gradients or curvature factors.
+
+    The message names the LoRA module where they first appear.
+    """
+
+
+class LoRAAdaptersChangedError(ValueError):
+    """The model's LoRA weights differ (names, shapes) from those at `fit`."""
+
+
+class AdapterMismatchError(ValueError):
+    """A saved posterior's LoRA weights (names, order, shapes) are not the model's."""

@@ -11,19 +11,30 @@ adds ``("lora", "kron")``, ``("lora", "diag")`` and ``("lora", "full")`` to
 from __future__ import annotations
 
 import inspect
+import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from laplace import DiagLaplace, FullLaplace, KronLaplace
-from laplace.baselaplace import ParametricLaplace
-from laplace.utils import Kron
+from laplace.baselaplace import BaseLaplace, ParametricLaplace
+from laplace.utils import Kron, Likelihood
 from torch.utils.data import DataLoader
 
+from laplace_lora_backend.curvature.checks import check_targets, first_non_finite
 from laplace_lora_backend.curvature.discovery import LoRAWeight, find_lora_weights
-from laplace_lora_backend.curvature.lora import LoRAGGN, LoRAInterface
+from laplace_lora_backend.curvature.lora import (
+    LoRAGGN,
+    LoRAInterface,
+    compute_dtype,
+)
+from laplace_lora_backend.errors import (
+    LoRAAdaptersChangedError,
+    NonFiniteError,
+    NotFittedError,
+)
 from laplace_lora_backend.hf_models import as_logits_model
 from laplace_lora_backend.matrix import LoRAKron
 
@@ -64,6 +75,15 @@ class LoRALaplace:
         bound = inspect.signature(parent_init).bind(model, likelihood, *args, **kwargs)
         bound.apply_defaults()
         arguments = bound.arguments
+        if arguments["likelihood"] not in (
+            Likelihood.CLASSIFICATION,
+            Likelihood.REGRESSION,
+        ):
+            raise ValueError(
+                f"{type(self).__name__} supports likelihood='classification' or "
+                f"'regression', got {arguments['likelihood']!r}. For reward "
+                "modelling use laplace-torch's own classes."
+            )
         # transformers / PEFT models take **batch and return ModelOutput
         model = arguments["model"] = as_logits_model(model, arguments["dict_key_y"])
         backend = arguments["backend"] or LoRAGGN
@@ -97,6 +117,8 @@ class LoRALaplace:
 
         self.lora_weights = weights
         self.lora_modules = lora_modules
+        self._is_fitted = False
+        self._fit_signature: list[tuple[str, tuple[int, ...]]] | None = None
         self.params = [w.param for w in weights]
         self.is_subset_params = True
         self.n_params = sum(p.numel() for p in self.params)
@@ -111,6 +133,109 @@ class LoRALaplace:
     def _lora_backend_options(self) -> dict[str, Any]:
         """Options this class adds to a LoRA backend's `backend_kwargs`."""
         return {}
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        """Posterior dtype: float32 for float16 / bfloat16 models."""
+        return compute_dtype(next(self.model.parameters()).dtype)
+
+    # ------------------------------------------------------------ bad input
+    @property
+    def prior_precision(self) -> torch.Tensor:
+        """Prior precision: scalar, per LoRA weight or per parameter (> 0)."""
+        return self._prior_precision
+
+    @prior_precision.setter
+    def prior_precision(self, prior_precision: float | torch.Tensor) -> None:
+        value = torch.as_tensor(prior_precision).detach()
+        if value.numel() == 0 or not bool((value > 0).all() & value.isfinite().all()):
+            raise ValueError(
+                f"prior_precision must be positive and finite, got {prior_precision}"
+                "; it is the inverse prior variance (e.g. 1.0, or tune it with "
+                "optimize_prior_precision)."
+            )
+        BaseLaplace.prior_precision.fset(self, prior_precision)
+
+    def _check_H_init(self) -> None:
+        if not getattr(self, "_is_fitted", False):
+            raise NotFittedError(
+                f"{type(self).__name__} is not fitted: call la.fit(train_loader) "
+                "before predicting, sampling, computing the evidence or tuning "
+                "the prior (or load a fitted state with load_state_dict)."
+            )
+
+    def _lora_signature(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Names and shapes of the model's selected LoRA weights, now."""
+        weights = find_lora_weights(self.model, self.lora_modules)
+        return [(w.name, tuple(w.param.shape)) for w in weights]
+
+    def _check_lora_unchanged(self) -> None:
+        """Raise if the LoRA weights differ from those the posterior is over."""
+        self._check_H_init()
+        if self._fit_signature is None:
+            return
+        try:
+            now = self._lora_signature()
+        except ValueError as err:  # no LoRA layer left, merged adapters, ...
+            raise LoRAAdaptersChangedError(
+                f"The model's LoRA adapters changed since fit: {err}"
+            ) from err
+        if now != self._fit_signature:
+            before = dict(self._fit_signature)
+            after = dict(now)
+            diff = next(
+                (
+                    f"'{n}' {before.get(n)} at fit, {after.get(n)} now"
+                    for n in list(before) + list(after)
+                    if before.get(n) != after.get(n)
+                ),
+                "the order of the LoRA weights changed",
+            )
+            raise LoRAAdaptersChangedError(
+                "The model's LoRA weights are not those the posterior was fitted on "
+                f"(first difference: {diff}; None = absent). Re-activate the "
+                "adapter used at fit (model.set_adapter), or call fit again."
+            )
+
+    def _check_batch_keys(self, x: Any, need_y: bool) -> None:
+        if not isinstance(x, MutableMapping):
+            return
+        keys = [self.dict_key_x] + ([self.dict_key_y] if need_y else [])
+        missing = [k for k in keys if k not in x]
+        if missing:
+            raise ValueError(
+                f"The batch dict has no key(s) {missing} (keys: {sorted(x)}). Set "
+                "dict_key_x / dict_key_y when creating the Laplace object, e.g. "
+                "Laplace(..., dict_key_x='input_ids', dict_key_y='labels')."
+            )
+
+    def _checked_batches(self, loader: Iterable) -> Iterator[Any]:
+        """Iterate `loader`, checking keys and targets of every batch."""
+        for data in loader:
+            if isinstance(data, MutableMapping):
+                self._check_batch_keys(data, need_y=True)
+                y = data[self.dict_key_y]
+            elif isinstance(data, Sequence) and len(data) == 2:
+                y = data[1]
+            else:
+                raise TypeError(
+                    "The loader must yield (X, y) pairs or dict batches, got "
+                    f"{type(data).__name__}."
+                )
+            check_targets(y, getattr(self, "n_outputs", None), self.likelihood)
+            yield data
+
+    def __call__(self, x, *args: Any, **kwargs: Any):
+        """Posterior predictive (see laplace-torch); checks the batch first."""
+        self._check_lora_unchanged()
+        self._check_batch_keys(x, need_y=False)
+        return super().__call__(x, *args, **kwargs)
+
+    def functional_samples(self, x, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Function-space samples (see laplace-torch); checks the batch first."""
+        self._check_lora_unchanged()
+        self._check_batch_keys(x, need_y=False)
+        return super().functional_samples(x, *args, **kwargs)
 
     def _init_H(self) -> None:
         if getattr(self, "lora_weights", None) is None:
@@ -208,6 +333,15 @@ class LoRALaplace:
             `dict_key_y`; `train_loader.dataset` gives the data set size.
         override : bool, default=True
         progress_bar : bool, default=False
+
+
+        Raises
+        ------
+        ValueError
+            An empty loader, batches without `dict_key_x` / `dict_key_y`,
+            labels outside `[0, C)`, NaN / Inf (`NonFiniteError`, naming the
+            first LoRA module). After an error the object is not fitted and a
+            new `fit` starts from scratch.
         """
         backend_ids = [id(p) for p in self.backend.params]
         if backend_ids != [id(p) for p in self.params]:
@@ -218,7 +352,162 @@ class LoRALaplace:
                 "freeze every non-LoRA parameter (model.requires_grad_(False), then "
                 "enable the LoRA weights)."
             )
-        super().fit(train_loader, override=override, progress_bar=progress_bar)
+        if not override and not self._is_fitted:
+            raise NotFittedError(
+                "fit(override=False) continues a previous fit, but there is none; "
+                "call fit(train_loader) first."
+            )
+        try:
+            empty = len(train_loader) == 0
+        except TypeError:  # loaders without __len__ are checked while iterating
+            empty = False
+        if empty:
+            raise ValueError(
+                "train_loader is empty: fit needs at least one batch of training data."
+            )
+        self._is_fitted = False
+        self.n_outputs = None  # set by laplace-torch from the first batch
+        loader = _CheckedLoader(train_loader, self._checked_batches)
+        try:
+            super().fit(loader, override=override, progress_bar=progress_bar)
+        except StopIteration as err:  # laplace-torch's next(iter(train_loader))
+            raise ValueError(
+                "train_loader is empty: fit needs at least one batch of training data."
+            ) from err
+        self._check_factors_finite()
+        self.mean = self.mean.to(self._dtype)
+        self._mark_loaded()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a fitted `state_dict`; the object is then fitted."""
+        super().load_state_dict(state_dict)
+        self._mark_loaded()
+
+    def _mark_loaded(self) -> None:
+        self._fit_signature = [
+            (w.name, tuple(w.param.shape)) for w in self.lora_weights
+        ]
+        self._is_fitted = True
+
+    def _check_factors_finite(self) -> None:
+        """Raise `NonFiniteError` naming the first LoRA weight with a bad factor."""
+        H = getattr(self, "H_facs", None)
+        H = self.H if H is None else H
+        names = [w.name for w in self.lora_weights]
+        if isinstance(H, Kron):
+            per_weight = [
+                torch.stack([_as_dense_sum(F) for F in _factors(block)])
+                for block in H.kfacs
+            ]
+            bad = first_non_finite(per_weight, names)
+        else:
+            sizes = [p.numel() for p in self.params]
+            if H.ndim == 1:
+                bad = first_non_finite(list(H.split(sizes)), names)
+            else:
+                bad = first_non_finite(list(H.split(sizes, dim=0)), names)
+        loss_ok = bool(torch.isfinite(torch.as_tensor(self.loss)).all())
+        if bad is not None or not loss_ok:
+            self._is_fitted = False
+            where = f"LoRA module '{bad.removesuffix('.weight')}'" if bad else "loss"
+            raise NonFiniteError(
+                f"NaN or Inf in the fitted curvature of {where}. Check the data and "
+                "the model's dtype (float16 overflows: use bfloat16 or float32)."
+            )
+
+    # ------------------------------------------------------------- save / load
+    def state_dict(self) -> dict[str, Any]:
+        """laplace-torch's state, with `likelihood` a plain string.
+
+        A `Likelihood` enum would be pickled as a class reference, which
+        ``torch.load(..., weights_only=True)`` refuses.
+        """
+        state = super().state_dict()
+        likelihood = state["likelihood"]
+        state["likelihood"] = str(getattr(likelihood, "value", likelihood))
+        return state
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Save the posterior into `directory`, e.g. beside a PEFT adapter.
+
+        Writes ``laplace_posterior.safetensors`` and ``laplace_posterior.json``
+        (see `laplace_lora_backend.serialization.save_posterior`); other files
+        (``adapter_model.safetensors``, ``adapter_config.json``) are untouched.
+        """
+        from laplace_lora_backend.serialization import save_posterior
+
+        save_posterior(self, directory)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, model: torch.nn.Module, **kwargs: Any
+    ) -> LoRALaplace:
+        """Load a posterior saved by `save_pretrained` onto `model`.
+
+        Parameters
+        ----------
+        directory : str or os.PathLike
+        model : torch.nn.Module
+            Model with the adapter the posterior was fitted with.
+        **kwargs
+            Override saved constructor settings (`backend`, ...); see
+            `laplace_lora_backend.serialization.load_posterior`.
+
+        Returns
+        -------
+        LoRALaplace
+
+        Raises
+        ------
+        ValueError
+            If the saved posterior has another structure than `cls`, or the
+            model's LoRA weight names / shapes differ (the first is named).
+        """
+        from laplace_lora_backend.serialization import (
+            load_posterior,
+            read_posterior_config,
+        )
+
+        saved = read_posterior_config(directory)
+        key = getattr(cls, "_key", None)
+        if key is not None and tuple(saved["key"]) != tuple(key):
+            raise ValueError(
+                f"'{directory}' holds a {saved['class']} posterior "
+                f"(hessian_structure={saved['key'][1]!r}), not a {cls.__name__}. "
+                f"Use {saved['class']}.from_pretrained or LoRALaplace.from_pretrained."
+            )
+        return load_posterior(directory, model, **kwargs)
+
+
+def _factors(block: Any) -> list[Any]:
+    return list(block) if isinstance(block, (list, tuple)) else [block]
+
+
+def _as_dense_sum(F: Any) -> torch.Tensor:
+    """A scalar whose finiteness is that of factor `F` (dense or low-rank)."""
+    if isinstance(F, torch.Tensor):
+        return F.sum()
+    state = F.to_state()
+    return sum(v.sum() for v in state.values() if isinstance(v, torch.Tensor))
+
+
+class _CheckedLoader:
+    """A loader whose batches are checked as laplace-torch iterates them.
+
+    laplace-torch reads `loader.dataset` (the data set size) and iterates the
+    loader twice (one batch for the output size, then all).
+    """
+
+    def __init__(self, loader: Iterable, check) -> None:
+        self.loader = loader
+        self.check = check
+        self.dataset = loader.dataset
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.check(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
 class LoRAKronLaplace(LoRALaplace, KronLaplace):
@@ -285,6 +574,7 @@ class LoRAKronLaplace(LoRALaplace, KronLaplace):
         else:
             self.H_facs = Kron(state_dict["H"])
         self.H = self.H_facs.decompose(damping=self.damping)
+        self._mark_loaded()
 
 
 class LoRADiagLaplace(LoRALaplace, DiagLaplace):

@@ -17,6 +17,10 @@ All quantities come from module hooks on the `lora_A` / `lora_B` linears
 (`ActivationRecorder`): one forward pass, then one backward pass per class
 (exact GGN), per Monte-Carlo sample (MC Fisher) or one (empirical Fisher).
 Examples in a batch must be independent (true for transformers in eval mode).
+
+Models in float16 / bfloat16 are supported: activations and gradients are cast
+to float32 before they enter factors, Jacobians and losses (`compute_dtype`),
+and the low-rank factors' SVDs run in float64.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from laplace.curvature import CurvatureInterface, EFInterface, GGNInterface
 from laplace.utils import Likelihood
 from torch import nn
 
+from laplace_lora_backend.curvature.checks import check_finite, check_targets
 from laplace_lora_backend.curvature.discovery import (
     LoRAWeight,
     find_lora_weights,
@@ -84,6 +89,12 @@ class LoRAInterface(CurvatureInterface):
     lowrank_residual : {'trace', 'none'}, default='trace'
         Keep the spectrum truncation discards as an isotropic ``c I``
         (``'trace'``) or drop it (``'none'``).
+
+    Attributes
+    ----------
+    compute_dtype : torch.dtype
+        dtype of factors, Jacobians and losses: float32 for float16 / bfloat16
+        LoRA weights, else the weights' dtype.
     """
 
     def __init__(
@@ -116,6 +127,8 @@ class LoRAInterface(CurvatureInterface):
         self.lora_weights: list[LoRAWeight] = find_lora_weights(model, lora_modules)
         self.params = [w.param for w in self.lora_weights]
         self.params_dict = {w.name: w.param for w in self.lora_weights}
+        self._names = [w.name for w in self.lora_weights]
+        self.compute_dtype = compute_dtype(self.params[0].dtype)
         self.lowrank_threshold, self.lowrank_rank = check_lowrank_options(
             lowrank_threshold, lowrank_rank, self.lora_weights
         )
@@ -123,20 +136,19 @@ class LoRAInterface(CurvatureInterface):
 
     def _new_factor(self, dim: int) -> DenseFactor | LowRankAccumulator:
         """Accumulator for a factor of side `dim` (low-rank if wide)."""
-        p = self.params[0]
+        dtype, device = self.compute_dtype, self.params[0].device
         if self.lowrank_threshold is not None and dim >= self.lowrank_threshold:
             return LowRankAccumulator(
-                dim, self.lowrank_rank, self.lowrank_residual, p.dtype, p.device
+                dim, self.lowrank_rank, self.lowrank_residual, dtype, device
             )
-        return DenseFactor(dim, p.dtype, p.device)
+        return DenseFactor(dim, dtype, device)
 
     def init_kron(self) -> LoRAKron:
         """Zero `LoRAKron` with this backend's dense / low-rank layout."""
-        p = self.params[0]
         return LoRAKron.init_from_shapes(
             [tuple(w.param.shape) for w in self.lora_weights],
-            p.dtype,
-            p.device,
+            self.compute_dtype,
+            self.params[0].device,
             self.lowrank_threshold,
             self.lowrank_rank,
             self.lowrank_residual,
@@ -167,6 +179,24 @@ class LoRAInterface(CurvatureInterface):
                 "sequence-classification model's `.logits`."
             )
         return f
+
+    def _checked_inputs(
+        self, rec: ActivationRecorder, f: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """Recorded layer inputs; raise if one is missing or not finite.
+
+        Non-finite outputs with finite LoRA inputs are reported too.
+        """
+        inputs = rec.checked_inputs()
+        check_finite(inputs, self._names, "inputs")
+        if not bool(torch.isfinite(f).all()):
+            check_finite([f], ["model outputs"], "values")
+        return inputs
+
+    def _loss(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Summed loss in `compute_dtype`, after checking the targets."""
+        check_targets(y, f.shape[-1], self.likelihood)
+        return self.lossfunc(f.to(self.compute_dtype), y)
 
     def _backward(self, scalar: torch.Tensor, retain_graph: bool) -> None:
         torch.autograd.grad(
@@ -212,7 +242,7 @@ class LoRAInterface(CurvatureInterface):
         with torch.enable_grad(), grad_enabled(self.lora_weights):
             with self._recorder(keep_outputs=True) as rec:
                 f = self._forward(x, features=features)
-                inputs = rec.checked_inputs()
+                inputs = self._checked_inputs(rec, f)
                 outputs = list(rec.outputs)
                 B, C = f.shape
                 per_class = sum(o.numel() for o in outputs)  # floats per VJP
@@ -226,8 +256,10 @@ class LoRAInterface(CurvatureInterface):
                     for k, c in enumerate(classes):
                         V[k, :, c] = 1.0
                     grads = self._batched_vjp(f, outputs, V, last=start + chunk >= C)
+                    # NaN appear first in the last module of the forward pass
+                    check_finite(grads[::-1], self._names[::-1], "output gradients")
                     Js.append(self._jacobian_block(inputs, grads, len(classes)))
-        return torch.cat(Js, dim=1).detach(), f.detach()
+        return torch.cat(Js, dim=1).detach(), f.detach().to(self.compute_dtype)
 
     # floats of output-gradients held at once by `jacobians` (~256 MiB fp32)
     _JACOBIAN_BUDGET = 2**26
@@ -279,10 +311,11 @@ class LoRAInterface(CurvatureInterface):
         out = []
         for w, a, g in zip(self.lora_weights, inputs, grads, strict=True):
             if g is None:
-                out.append(a.new_zeros(B, k, w.param.numel()))
+                zeros = a.new_zeros(B, k, w.param.numel(), dtype=self.compute_dtype)
+                out.append(zeros)
                 continue
-            a3 = per_example_view(a)
-            g4 = g.reshape(k, B, -1, g.shape[-1]).to(a3.dtype)
+            a3 = per_example_view(a).to(self.compute_dtype)
+            g4 = g.reshape(k, B, -1, g.shape[-1]).to(self.compute_dtype)
             out.append(torch.einsum("kbto,bti->bkoi", g4, a3).flatten(2))
         return torch.cat(out, dim=2)
 
@@ -304,9 +337,11 @@ class LoRAInterface(CurvatureInterface):
         with torch.enable_grad(), grad_enabled(self.lora_weights):
             with self._recorder(keep_outputs=True) as rec:
                 f = self._forward(x)
-                inputs = rec.checked_inputs()
-                loss = self.lossfunc(f, y)
+                inputs = self._checked_inputs(rec, f)
+                loss = self._loss(f, y)
                 grads = torch.autograd.grad(loss, list(rec.outputs), allow_unused=True)
+                # NaN appear first in the last module of the forward pass
+                check_finite(grads[::-1], self._names[::-1], "output gradients")
                 grads = [None if g is None else g.unsqueeze(0) for g in grads]
                 Gs = self._jacobian_block(inputs, grads, 1).squeeze(1)
         return Gs.detach(), loss.detach()
@@ -350,16 +385,19 @@ class LoRAInterface(CurvatureInterface):
         with torch.enable_grad(), grad_enabled(self.lora_weights):
             with self._recorder() as rec:
                 f = self._forward(x)
-                inputs = rec.checked_inputs()
+                inputs = self._checked_inputs(rec, f)
                 in_factors = self._input_factors(inputs, mask, approx)
                 out_factors = [
                     self._new_factor(w.out_features) for w in self.lora_weights
                 ]
-                loss = self.lossfunc(f, y)
+                loss = self._loss(f, y)
                 passes = list(self._output_gradient_passes(f, y))
                 for k, (scalar, weight) in enumerate(passes):
 
                     def on_grad(i, g, weight=weight):
+                        if not bool(torch.isfinite(g).all()):
+                            check_finite([g], [self._names[i]], "output gradients")
+                        g = g.to(self.compute_dtype)
                         rows, w = token_rows(g, mask, approx, is_input=False)
                         if weight != 1.0:
                             rows = rows * math.sqrt(weight)
@@ -392,6 +430,7 @@ class LoRAInterface(CurvatureInterface):
             key = (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype)
             if key not in seen:
                 acc = self._new_factor(w.in_features)
+                a = a.to(self.compute_dtype)
                 acc.add(*token_rows(a, mask, approx, is_input=True))
                 seen[key] = acc
             factors.append(seen[key])
@@ -452,7 +491,7 @@ class LoRAGGN(LoRAInterface, GGNInterface):
                         y_s = f + math.sqrt(0.5) * torch.randn_like(f)
                     else:
                         y_s = torch.multinomial(f.softmax(-1), 1).squeeze(-1)
-                yield self.lossfunc(f, y_s), 1.0 / self.num_samples
+                yield self._loss(f, y_s), 1.0 / self.num_samples
             return
         with torch.no_grad():
             sqrt_h = self._loss_hessian_sqrt(f)  # (batch, C, C)
@@ -468,7 +507,7 @@ class LoRAGGN(LoRAInterface, GGNInterface):
         if self.likelihood == Likelihood.REGRESSION:
             eye = torch.eye(C, dtype=f.dtype, device=f.device)
             return math.sqrt(2.0) * eye.expand(B, C, C)
-        p = f.softmax(-1)
+        p = f.to(self.compute_dtype).softmax(-1)
         s = p.sqrt()
         return torch.diag_embed(s) - p[:, :, None] * s[:, None, :]
 
@@ -477,7 +516,16 @@ class LoRAEF(LoRAInterface, EFInterface):
     """Empirical Fisher of the LoRA weights (one backward pass per batch)."""
 
     def _output_gradient_passes(self, f: torch.Tensor, y: torch.Tensor):
-        yield self.lossfunc(f, y), 1.0
+        yield self._loss(f, y), 1.0
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of curvature and Jacobians for LoRA weights of `dtype`.
+
+    float32 for float16 / bfloat16 (their sums of squares overflow or lose
+    every digit); the weights' own dtype otherwise.
+    """
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def check_lowrank_options(
