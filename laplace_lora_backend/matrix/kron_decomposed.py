@@ -90,7 +90,12 @@ class LoRAKronDecomposed(KronDecomposed):
         return a * b + delta
 
     def _lowrank_parts(self, block_vecs, block_vals, delta):
-        """For a block with a wide factor: `(Q, U, lam, mu, wide_left)`."""
+        """For a block with a wide factor: `(Q, U, lam, mu, wide_left)`.
+
+        `mu` is None when the low-rank factor kept its full rank (no
+        complement): its eigenvalue can then be 0 (``c = 0``, no prior) and
+        must not enter ``0 * log(0)`` or ``inf * 0``.
+        """
         wide_left = isinstance(block_vals[0], LowRankFactor)
         lr = block_vals[0] if wide_left else block_vals[1]
         Q = block_vecs[1] if wide_left else block_vecs[0]
@@ -98,6 +103,8 @@ class LoRAKronDecomposed(KronDecomposed):
         c = lr.c
         lam = self._combine(l_small[:, None], (lr.s + c)[None, :], delta)
         mu = self._combine(l_small, c, delta)
+        if lr.U.shape[1] == lr.dim:
+            mu = None
         return Q, lr.U, lam, mu, wide_left
 
     @staticmethod
@@ -119,8 +126,9 @@ class LoRAKronDecomposed(KronDecomposed):
                 )
                 continue
             _, U, lam, mu, _ = self._lowrank_parts(vecs, vals, delta)
-            d, k = U.shape
-            total = total + torch.log(lam).sum() + (d - k) * torch.log(mu).sum()
+            total = total + torch.log(lam).sum()
+            if mu is not None:
+                total = total + (U.shape[0] - U.shape[1]) * torch.log(mu).sum()
         return total
 
     # ------------------------------------------------------------------- bmm
@@ -145,9 +153,9 @@ class LoRAKronDecomposed(KronDecomposed):
                 Wr = Wp.transpose(1, 2) if wide_left else Wp  # (BK, n_small, d)
                 W1 = Q.T @ Wr
                 A = W1 @ U
-                R = (A * lam.pow(exponent)) @ U.T + mu.pow(exponent)[:, None] * (
-                    W1 - A @ U.T
-                )
+                R = (A * lam.pow(exponent)) @ U.T
+                if mu is not None:
+                    R = R + mu.pow(exponent)[:, None] * (W1 - A @ U.T)
                 res = Q @ R
                 if wide_left:
                     res = res.transpose(1, 2)
@@ -185,13 +193,14 @@ class LoRAKronDecomposed(KronDecomposed):
             Wr = Wp.transpose(2, 3) if wide_left else Wp  # (B, K, n_small, d)
             W1 = Q.T @ Wr
             A = W1 @ U
-            inv_mu = mu.reciprocal()[:, None]
-            out = (
-                out
-                + torch.einsum("bkij,blij->bkl", A * lam.reciprocal(), A)
-                + torch.einsum("bkid,blid->bkl", W1 * inv_mu, W1)
-                - torch.einsum("bkij,blij->bkl", A * inv_mu, A)
-            )
+            out = out + torch.einsum("bkij,blij->bkl", A * lam.reciprocal(), A)
+            if mu is not None:
+                inv_mu = mu.reciprocal()[:, None]
+                out = (
+                    out
+                    + torch.einsum("bkid,blid->bkl", W1 * inv_mu, W1)
+                    - torch.einsum("bkij,blij->bkl", A * inv_mu, A)
+                )
         return out
 
     # ------------------------------------------------------------------ diag
@@ -209,9 +218,9 @@ class LoRAKronDecomposed(KronDecomposed):
                 continue
             Q, U, lam, mu, wide_left = self._lowrank_parts(vecs, vals, delta)
             Q2, U2 = Q.square(), U.square()
-            D = (Q2 @ lam.pow(exponent)) @ U2.T + (Q2 @ mu.pow(exponent))[:, None] * (
-                1 - U2.sum(1)
-            )[None, :]
+            D = (Q2 @ lam.pow(exponent)) @ U2.T
+            if mu is not None:
+                D = D + (Q2 @ mu.pow(exponent))[:, None] * (1 - U2.sum(1))[None, :]
             out.append((D.T if wide_left else D).flatten())
         return torch.cat(out)
 
