@@ -21,6 +21,8 @@ import torch
 from laplace import DiagLaplace, FullLaplace, KronLaplace
 from laplace.baselaplace import BaseLaplace, ParametricLaplace
 from laplace.utils import Kron, Likelihood
+from torch import distributed as dist
+from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader
 
 from laplace_lora_backend.curvature.checks import check_targets, first_non_finite
@@ -29,6 +31,15 @@ from laplace_lora_backend.curvature.lora import (
     LoRAGGN,
     LoRAInterface,
     compute_dtype,
+)
+from laplace_lora_backend.distributed import (
+    DistributedFitError,
+    RankReport,
+    active_group,
+    check_reports,
+    gather_reports,
+    reduce_factor,
+    reduce_tensor,
 )
 from laplace_lora_backend.errors import (
     LoRAAdaptersChangedError,
@@ -58,6 +69,11 @@ class LoRALaplace:
     lora_modules : str or list[str] or re.Pattern, optional
         Restrict to LoRA layers whose names match (substrings or a regex).
         ``["lm_head"]`` is last-layer LoRA Laplace (LLLA).
+    process_group : torch.distributed.ProcessGroup, optional
+        When `torch.distributed` is initialised, `fit` combines the curvature
+        of all ranks of this group (default: the world) so that every rank
+        holds the posterior of the union of their shards; see
+        `laplace_lora_backend.distributed`. No effect without a process group.
 
     Attributes
     ----------
@@ -69,8 +85,15 @@ class LoRALaplace:
     lora_weights: list[LoRAWeight]
 
     def __init__(
-        self, model, likelihood, *args: Any, lora_modules: LoRAModules = None, **kwargs
+        self,
+        model,
+        likelihood,
+        *args: Any,
+        lora_modules: LoRAModules = None,
+        process_group: Any = None,
+        **kwargs,
     ) -> None:
+        self.process_group = process_group
         parent_init = super().__init__  # the laplace-torch class next in the MRO
         bound = inspect.signature(parent_init).bind(model, likelihood, *args, **kwargs)
         bound.apply_defaults()
@@ -352,31 +375,111 @@ class LoRALaplace:
                 "freeze every non-LoRA parameter (model.requires_grad_(False), then "
                 "enable the LoRA weights)."
             )
-        if not override and not self._is_fitted:
+        group = active_group(self.process_group)
+        if not override and (group is not None or not self._is_fitted):
             raise NotFittedError(
-                "fit(override=False) continues a previous fit, but there is none; "
-                "call fit(train_loader) first."
+                "fit(override=False) continues a previous single-process fit; "
+                "there is none (or this fit is distributed, which always starts "
+                "from scratch). Call fit(train_loader)."
             )
         try:
             empty = len(train_loader) == 0
         except TypeError:  # loaders without __len__ are checked while iterating
             empty = False
-        if empty:
+        if empty and group is None:
             raise ValueError(
                 "train_loader is empty: fit needs at least one batch of training data."
             )
         self._is_fitted = False
         self.n_outputs = None  # set by laplace-torch from the first batch
-        loader = _CheckedLoader(train_loader, self._checked_batches)
+        self._n_seen = 0
+        error: Exception | None = None
         try:
-            super().fit(loader, override=override, progress_bar=progress_bar)
+            if not empty:
+                loader = _CheckedLoader(train_loader, self._checked_batches)
+                super().fit(loader, override=override, progress_bar=progress_bar)
+                self._check_factors_finite()
         except StopIteration as err:  # laplace-torch's next(iter(train_loader))
-            raise ValueError(
-                "train_loader is empty: fit needs at least one batch of training data."
-            ) from err
-        self._check_factors_finite()
+            if group is None:
+                raise ValueError(
+                    "train_loader is empty: fit needs at least one batch of "
+                    "training data."
+                ) from err
+            empty = True
+        except Exception as err:
+            if group is None:
+                raise
+            error = err  # reported to every rank before anyone raises
+        if group is not None:
+            self._combine_ranks(group, train_loader, empty, error)
         self.mean = self.mean.to(self._dtype)
         self._mark_loaded()
+
+    def _curv_closure(self, X: Any, y: torch.Tensor, N: int) -> Any:
+        self._n_seen += len(y)
+        return super()._curv_closure(X, y, N)
+
+    # ------------------------------------------------------ torch.distributed
+    def _combine_ranks(
+        self, group: Any, loader: Any, empty: bool, error: Exception | None
+    ) -> None:
+        """Sum the ranks' curvature so every rank holds the union's posterior.
+
+        See `laplace_lora_backend.distributed`; raises the same error on every
+        rank if one failed or the ranks' LoRA weights differ.
+        """
+        rank = dist.get_rank(group)
+        with torch.no_grad():
+            theta = parameters_to_vector(self.params).double()
+        try:
+            n_declared = len(loader.dataset)
+        except (AttributeError, TypeError):
+            n_declared = self._n_seen
+        report = RankReport(
+            rank=rank,
+            signature=[(w.name, tuple(w.param.shape)) for w in self.lora_weights],
+            checksum=(float(theta.sum()), float(theta.square().sum())),
+            n_seen=0 if empty or error else self._n_seen,
+            n_declared=n_declared,
+            n_outputs=None if empty or error else self.n_outputs,
+            error=None if error is None else f"{type(error).__name__}: {error}",
+        )
+        reports = gather_reports(report, group)
+        try:
+            check_reports(reports, rank)
+        except DistributedFitError as err:
+            raise err from error
+        if empty:
+            self._init_empty_fit(next(r.n_outputs for r in reports if r.n_outputs))
+        n_total = sum(r.n_seen for r in reports)
+        scale = n_declared / n_total  # input factors were divided by n_declared
+        H_facs = getattr(self, "H_facs", None)
+        if H_facs is not None:  # Kronecker: [F_out (sum), F_in (mean over N)]
+            blocks = []
+            for b in H_facs.kfacs:
+                scales = (1.0, scale) if len(b) == 2 else (1.0,)  # bias: (F_out,)
+                blocks.append(
+                    [reduce_factor(F, c, group) for F, c in zip(b, scales, strict=True)]
+                )
+            self.H_facs = type(H_facs)(blocks)
+            self.H = self.H_facs.decompose(damping=self.damping)
+        else:
+            self.H = reduce_tensor(self.H, group)
+        loss = torch.as_tensor(self.loss, dtype=self._dtype, device=self._device)
+        self.loss = reduce_tensor(loss, group)
+        self.n_data = n_total
+
+    def _init_empty_fit(self, n_outputs: int) -> None:
+        """State of a rank whose shard is empty: zero curvature and loss."""
+        self.n_outputs = n_outputs
+        self.model.output_size = n_outputs
+        self._init_H()
+        if isinstance(self, KronLaplace):
+            self.H_facs = self.H
+        self.loss = 0.0
+        self.n_data = 0
+        with torch.no_grad():
+            self.mean = parameters_to_vector(self.params).detach()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a fitted `state_dict`; the object is then fitted."""

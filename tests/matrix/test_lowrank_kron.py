@@ -11,8 +11,16 @@ from laplace.utils import Kron
 from laplace_lora_backend.curvature.factors import LowRankAccumulator
 from laplace_lora_backend.matrix import LoRAKron, LowRankFactor
 
-torch.set_default_dtype(torch.float64)
 TOL = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """float64 by default in this module only (restored for other tests)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
 
 
 def random_rows(n, d, rank=None, seed=0):

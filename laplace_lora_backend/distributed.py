@@ -1,0 +1,179 @@
+"""Data-parallel fitting on `torch.distributed`: combine per-rank curvature.
+
+Each rank fits the curvature of its own shard (e.g. through a
+`DistributedSampler`); the pieces are then combined so that every rank holds
+the posterior a single process would fit on the union of the shards:
+
+- dense Kronecker factors, diagonal and full curvature and the loss are
+  all-reduced (sum);
+- input factors are re-scaled from each rank's data set size to the total
+  number of examples fitted, ``N = sum_r n_r``, before the sum;
+- low-rank factors are gathered and merged in rank order with the same
+  truncated-SVD rule as streaming accumulation (exact while the data span at
+  most `k` directions; the exact trace, and so the residual, is summed).
+
+Before any curvature is exchanged the ranks swap a small description (LoRA
+weight names and shapes, a checksum of the weights, errors raised while
+fitting), so a rank whose model differs or whose fit failed makes EVERY rank
+raise instead of leaving the others waiting in a collective. Prior tuning and
+prediction need no communication afterwards: every rank holds the same
+posterior.
+
+Works with any backend of `torch.distributed` (gloo on CPU, nccl on GPU); with
+no process group, or a group of one, nothing changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from laplace_lora_backend.matrix.lowrank import LowRankFactor
+
+__all__ = [
+    "DistributedFitError",
+    "RankReport",
+    "active_group",
+    "gather_reports",
+    "check_reports",
+    "reduce_tensor",
+    "reduce_factor",
+]
+
+
+class DistributedFitError(ValueError):
+    """The ranks of a distributed fit disagree, or one of them failed."""
+
+
+@dataclass
+class RankReport:
+    """What one rank tells the others after its local fit.
+
+    Attributes
+    ----------
+    rank : int
+    signature : list[tuple[str, tuple[int, ...]]]
+        LoRA weight names and shapes.
+    checksum : tuple[float, float]
+        Sum and sum of squares of the LoRA weights (replicas must agree).
+    n_seen : int
+        Examples fitted on this rank.
+    n_declared : int
+        ``len(train_loader.dataset)`` on this rank (scales its input factors).
+    n_outputs : int or None
+        Model outputs (None for an empty shard).
+    error : str or None
+        ``"TypeName: message"`` if the local fit raised.
+    """
+
+    rank: int
+    signature: list[tuple[str, tuple[int, ...]]]
+    checksum: tuple[float, float]
+    n_seen: int
+    n_declared: int
+    n_outputs: int | None
+    error: str | None
+
+
+def active_group(process_group: Any = None) -> Any:
+    """The process group to reduce over, or None for a single process.
+
+    Parameters
+    ----------
+    process_group : torch.distributed.ProcessGroup, optional
+        A sub-group; default the world group when `torch.distributed` is
+        initialised.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        if process_group is not None:
+            raise ValueError(
+                "process_group is given but torch.distributed is not initialised; "
+                "call torch.distributed.init_process_group first (torchrun does)."
+            )
+        return None
+    group = process_group if process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def gather_reports(report: RankReport, group: Any) -> list[RankReport]:
+    """All ranks' reports, in rank order, on every rank."""
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, report, group=group)
+    return out
+
+
+def check_reports(reports: list[RankReport], my_rank: int) -> None:
+    """Raise the same `DistributedFitError` on every rank if they disagree.
+
+    Raises
+    ------
+    DistributedFitError
+        A rank's fit failed, the LoRA weights (names, shapes) differ, the
+        weights' values differ (unsynchronised replicas), or every shard is
+        empty.
+    """
+    failed = [r for r in reports if r.error is not None]
+    if failed:
+        first = failed[0]
+        where = "this rank" if first.rank == my_rank else f"rank {first.rank}"
+        raise DistributedFitError(
+            f"The distributed fit failed on {where}: {first.error}. Every rank "
+            "stops; fix the input of that rank and fit again on all ranks."
+        )
+    ref = reports[0]
+    for r in reports[1:]:
+        if r.signature != ref.signature:
+            diff = _first_difference(ref.signature, r.signature)
+            raise DistributedFitError(
+                f"Ranks {ref.rank} and {r.rank} have different LoRA weights "
+                f"({diff}). Every rank must hold the same PEFT model and adapter, "
+                "with the same lora_modules."
+            )
+    for r in reports[1:]:
+        if r.checksum != ref.checksum:
+            raise DistributedFitError(
+                f"The LoRA weights of ranks {ref.rank} and {r.rank} have the same "
+                "shapes but different values: the replicas are not synchronised. "
+                "Load the same fine-tuned adapter on every rank before fitting."
+            )
+    if all(r.n_seen == 0 for r in reports):
+        raise DistributedFitError("Every rank's train_loader is empty: nothing to fit.")
+
+
+def _first_difference(a: list, b: list) -> str:
+    for i in range(max(len(a), len(b))):
+        x = a[i] if i < len(a) else None
+        y = b[i] if i < len(b) else None
+        if x != y:
+            return f"weight {i}: {x} vs {y}"
+    return "same weights"
+
+
+def reduce_tensor(t: torch.Tensor, group: Any) -> torch.Tensor:
+    """Sum of `t` over the ranks (a new tensor; `t` is untouched)."""
+    out = t.detach().clone().contiguous()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def reduce_factor(F: Any, scale: float, group: Any) -> Any:
+    """Sum over ranks of ``scale * F`` for a dense or low-rank factor.
+
+    Low-rank factors are gathered and merged in rank order, so every rank
+    gets the same result.
+    """
+    if isinstance(F, LowRankFactor):
+        mine = (F * scale).to_state()
+        state = {k: v.cpu() if torch.is_tensor(v) else v for k, v in mine.items()}
+        states: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(states, state, group=group)
+        merged = None
+        for s in states:
+            s = {k: v.to(F.device) if torch.is_tensor(v) else v for k, v in s.items()}
+            part = LowRankFactor.from_state(s)
+            merged = part if merged is None else merged.merge(part)
+        return merged
+    return reduce_tensor(F * scale, group)
