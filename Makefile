@@ -39,12 +39,12 @@ test: setup-dev lint
 	$(PY) -m pytest
 
 lint:
-	$(VENV)/bin/ruff check laplace_lora_backend tests benchmarks
-	$(VENV)/bin/ruff format --check laplace_lora_backend tests benchmarks
+	$(VENV)/bin/ruff check laplace_lora_backend tests benchmarks examples
+	$(VENV)/bin/ruff format --check laplace_lora_backend tests benchmarks examples
 
 format:
-	$(VENV)/bin/ruff format laplace_lora_backend tests benchmarks
-	$(VENV)/bin/ruff check --fix laplace_lora_backend tests benchmarks
+	$(VENV)/bin/ruff format laplace_lora_backend tests benchmarks examples
+	$(VENV)/bin/ruff check --fix laplace_lora_backend tests benchmarks examples
 
 bench: setup-dev
 	$(PY) benchmarks/bench_fit.py
