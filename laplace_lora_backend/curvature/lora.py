@@ -498,6 +498,45 @@ class LoRAGGN(LoRAInterface, GGNInterface):
         for c in range(f.shape[1]):
             yield (f * sqrt_h[:, :, c]).sum(), 1.0
 
+    def diag(
+        self, x: Batch, y: torch.Tensor, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Diagonal GGN (laplace-torch's `GGNInterface.diag`).
+
+        With ``stochastic=True`` the MC Fisher diagonal comes from per-example
+        gradients at sampled targets: one backward pass per sample instead of
+        one per output, and no `(batch, outputs, P)` Jacobian.
+
+        Returns
+        -------
+        loss : torch.Tensor
+            `factor * summed loss`.
+        H : torch.Tensor
+            `(P,)`.
+        """
+        if not self.stochastic:
+            return super().diag(x, y, **kwargs)
+        with torch.enable_grad(), grad_enabled(self.lora_weights):
+            with self._recorder(keep_outputs=True) as rec:
+                f = self._forward(x)
+                inputs = self._checked_inputs(rec, f)
+                loss = self._loss(f, y)
+                passes = list(self._output_gradient_passes(f, y))
+                H = f.new_zeros(sum(p.numel() for p in self.params))
+                H = H.to(self.compute_dtype)
+                for k, (scalar, weight) in enumerate(passes):
+                    grads = torch.autograd.grad(
+                        scalar,
+                        list(rec.outputs),
+                        retain_graph=k < len(passes) - 1,
+                        allow_unused=True,
+                    )
+                    check_finite(grads[::-1], self._names[::-1], "output gradients")
+                    grads = [None if g is None else g.unsqueeze(0) for g in grads]
+                    G = self._jacobian_block(inputs, grads, 1).squeeze(1)  # (B, P)
+                    H += weight * G.square().sum(0)
+        return self.factor * loss.detach(), self.factor * H
+
     def _loss_hessian_sqrt(self, f: torch.Tensor) -> torch.Tensor:
         """Square root `S` of the loss Hessian w.r.t. `f`, `(batch, C, C)`.
 

@@ -117,6 +117,40 @@ def test_mc_fisher_converges_to_ggn():
         assert rel_err(Fm[1], Fe[1]) < 1e-12  # input factor is deterministic
 
 
+def test_mc_fisher_diag_equals_ef_diag_at_sampled_labels():
+    """MC diagonal with one sample is the EF diagonal (squared per-example
+    gradients) at labels drawn from the model with the same RNG draws."""
+    model = make_peft_classifier("llama")
+    batch = make_batch(pad=True)
+    torch.manual_seed(7)
+    loss_mc, diag_mc = LoRAGGN(model, "classification", stochastic=True).diag(
+        batch, batch["labels"]
+    )
+    torch.manual_seed(7)
+    with torch.no_grad():
+        y_s = torch.multinomial(model(batch).softmax(-1), 1).squeeze(-1)
+    _, diag_ef = LoRAEF(model, "classification").diag(batch, y_s)
+    loss_ref, _ = LoRAEF(model, "classification").diag(batch, batch["labels"])
+    assert rel_err(diag_mc, diag_ef) < 1e-12
+    assert torch.allclose(loss_mc, loss_ref)
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_mc_fisher_diag_converges_to_exact_ggn_diag(likelihood):
+    """Averaging many samples approaches the exact GGN diagonal (the one
+    from full Jacobians), with the laplace-torch loss scaling."""
+    n_out = 3 if likelihood == "classification" else 2
+    model = make_peft_classifier("llama", n_out=n_out)
+    batch = make_batch(pad=False, n_out=n_out)
+    y = batch["labels"] if n_out == 3 else torch.randn(6, 2).double()
+    torch.manual_seed(0)
+    mc = LoRAGGN(model, likelihood, stochastic=True, num_samples=2000)
+    loss_mc, diag_mc = mc.diag(batch, y)
+    loss, diag = LoRAGGN(model, likelihood).diag(batch, y)
+    assert rel_err(diag_mc, diag) < 0.1  # Monte-Carlo error ~ 1/sqrt(2000)
+    assert torch.allclose(loss_mc, loss)
+
+
 @pytest.mark.parametrize("ours, ref", PAIRS, ids=["GGN", "EF"])
 def test_regression_kron_equals_curvlinops(ours, ref):
     """Regression (0.5 * MSE sum) factors and loss equal Curvlinops'."""
