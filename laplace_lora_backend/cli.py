@@ -3,6 +3,9 @@
 ``laplace-lora demo``: fine-tune LoRA on SmolLM2-135M-Instruct and a real data
 set, fit Laplace-LoRA and its baselines, and write the calibration table,
 JSON and reliability diagram (see `laplace_lora_backend.demo`).
+
+``laplace-lora bench``: our backends against laplace-torch's on the same LoRA
+weights, in one process run (see `laplace_lora_backend.bench.suite`).
 """
 
 from __future__ import annotations
@@ -44,11 +47,30 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kfac-backend", choices=["ggn", "mc", "ef"], default=None)
 
 
+def _bench_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="smoke test (minutes)")
+    parser.add_argument("--output", default="benchmarks/results")
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        default=["models", "widths", "outputs"],
+        choices=["models", "widths", "outputs"],
+    )
+    parser.add_argument(
+        "--smollm2", action="store_true", help="add the SmolLM2-135M workload"
+    )
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--limit-s", type=float, default=600.0, help="per cell")
+    parser.add_argument("--mem-gib", type=float, default=16.0, help="per cell")
+    parser.add_argument("--threads", type=int, default=1)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``laplace-lora`` console script."""
     parser = argparse.ArgumentParser(prog="laplace-lora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_args(sub.add_parser("demo", help="MAP vs Laplace-LoRA calibration demo"))
+    _bench_args(sub.add_parser("bench", help="benchmarks vs laplace-torch's backends"))
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.command == "demo":
@@ -65,6 +87,19 @@ def main(argv: list[str] | None = None) -> None:
             else DemoConfig(**overrides)
         )
         run_demo(cfg)
+    elif args.command == "bench":
+        from laplace_lora_backend.bench.suite import run_suite
+
+        run_suite(
+            output=args.output,
+            quick=args.quick,
+            smollm2_workload=args.smollm2,
+            sections=tuple(args.sections),
+            repeats=args.repeats,
+            limit_s=args.limit_s,
+            mem_gib=args.mem_gib,
+            threads=args.threads,
+        )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,143 @@
+"""Timing and memory measurements shared by the benchmark sections."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["sync", "timed", "timed_ratio", "PeakMemory", "run_limited"]
+
+
+def sync() -> None:
+    """Wait for queued GPU work (no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of `repeats` calls of `fn` after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def timed_ratio(
+    fn: Callable[[], Any], base: Callable[[], Any], repeats: int
+) -> tuple[float, float]:
+    """Median seconds of `fn` and median ratio to `base`.
+
+    The two alternate in every repeat (after one warm-up each), so that
+    machine drift cancels in the ratio.
+    """
+    fn(), base()
+    times, ratios = [], []
+    for _ in range(repeats):
+        (tb,) = timed(base, 1, warmup=0)
+        (tf,) = timed(fn, 1, warmup=0)
+        times.append(tf)
+        ratios.append(tf / tb)
+    return statistics.median(times), statistics.median(ratios)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+class PeakMemory:
+    """Peak resident memory (sampled) and peak torch CUDA allocation of a block.
+
+    Attributes
+    ----------
+    rss_bytes : int
+        Peak RSS during the block minus RSS at its start (sampled every 2 ms;
+        0 where `/proc` is unavailable).
+    cuda_bytes : int
+        Peak CUDA allocation during the block minus the allocation at its
+        start (0 on CPU).
+    """
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.rss_bytes = 0
+        self.cuda_bytes = 0
+
+    def __enter__(self) -> PeakMemory:
+        try:
+            self._base = _rss_bytes()
+        except OSError:
+            self._base = None
+        self._peak = self._base or 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        if self._base is not None:
+            self._thread.start()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            self._cuda0 = torch.cuda.memory_allocated()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, _rss_bytes())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._base is not None:
+            self._thread.join()
+            self._peak = max(self._peak, _rss_bytes())
+            self.rss_bytes = self._peak - self._base
+        if torch.cuda.is_available():
+            self.cuda_bytes = torch.cuda.max_memory_allocated() - self._cuda0
+
+
+def _child(fn: Callable[..., Any], args: tuple, limit_bytes: int | None, queue):
+    if limit_bytes:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+    try:
+        torch.set_num_threads(1)
+        queue.put(fn(*args))
+    except Exception as exc:  # reported to the parent
+        first = (str(exc).splitlines() or [""])[0][:160]
+        queue.put({"error": f"{type(exc).__name__}: {first}"})
+
+
+def run_limited(
+    fn: Callable[..., Any],
+    args: tuple,
+    timeout_s: float,
+    limit_bytes: int | None = None,
+) -> Any:
+    """`fn(*args)` in a spawned child with a time and address-space limit.
+
+    Returns its (picklable) result, or ``{"error": ...}`` on an exception,
+    a timeout or a crash. `fn` must be importable (module level).
+    """
+    ctx = mp.get_context("spawn")  # fork can deadlock torch's thread pool
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child, args=(fn, args, limit_bytes, queue))
+    child.start()
+    child.join(timeout=timeout_s)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        return {"error": f"over the per-cell limit of {timeout_s:.0f} s"}
+    if queue.empty():
+        return {"error": f"child exited with code {child.exitcode}"}
+    return queue.get()

@@ -1,0 +1,213 @@
+"""Models and data of the benchmark sections.
+
+Every workload is a PEFT LoRA model whose base weights are frozen (so that
+laplace-torch's ``subset_of_weights="all"`` selects exactly the LoRA weights),
+batches of training data and one test batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Workload", "tiny_lm", "smollm2", "wide_layer", "many_outputs"]
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class Workload:
+    """A model with LoRA layers and its data.
+
+    Attributes
+    ----------
+    name : str
+    model : torch.nn.Module
+        ``model(batch)`` returns `(batch, C)` logits.
+    train : list[dict]
+        Training batches (``input_ids``, ``attention_mask``, ``labels``).
+    test : dict
+        One test batch.
+    meta : dict
+        Sizes, for the report.
+    """
+
+    name: str
+    model: nn.Module
+    train: list[Batch]
+    test: Batch
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Loader(list):
+    """Batches with the `.dataset` length laplace-torch reads."""
+
+    def __init__(self, batches: list[Batch]) -> None:
+        super().__init__(batches)
+        self.dataset = range(sum(len(b["labels"]) for b in batches))
+
+
+def _random_batches(
+    n: int, tokens: int, vocab: int, C: int, batch_size: int, seed: int
+) -> list[Batch]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, tokens), generator=g)
+    y = torch.randint(0, C, (n,), generator=g)
+    mask = torch.ones_like(ids)
+    return [
+        {
+            "input_ids": ids[i : i + batch_size],
+            "attention_mask": mask[i : i + batch_size],
+            "labels": y[i : i + batch_size],
+        }
+        for i in range(0, n, batch_size)
+    ]
+
+
+def tiny_lm(
+    arch: str = "llama",
+    hidden: int = 256,
+    layers: int = 4,
+    n: int = 32,
+    tokens: int = 64,
+    C: int = 3,
+    vocab: int = 512,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> Workload:
+    """Random-init Llama or GPT-2 with LoRA r=8 on the attention inputs.
+
+    The outputs are the logits of `C` answer tokens at the last position
+    (`AnswerTokenClassifier`, lm_head frozen).
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from laplace_lora_backend.llm.answer_tokens import AnswerTokenClassifier
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            attn_implementation="eager",
+        )
+        lm, targets = LlamaForCausalLM(cfg), ["q_proj", "v_proj"]
+    elif arch == "gpt2":
+        cfg = GPT2Config(
+            vocab_size=vocab,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=8,
+            n_positions=max(tokens, 64),
+            attn_implementation="eager",
+        )
+        lm, targets = GPT2LMHeadModel(cfg), ["c_attn"]
+    else:
+        raise ValueError(f"Unknown arch {arch!r}; use 'llama' or 'gpt2'.")
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0)
+    peft_lm = get_peft_model(lm, lora)
+    with torch.no_grad():  # B = 0 at init would make the GGN of A vanish
+        for name, p in peft_lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    model = AnswerTokenClassifier(peft_lm, list(range(C))).eval()
+    train = _random_batches(n, tokens, vocab, C, batch_size, seed)
+    test = _random_batches(batch_size, tokens, vocab, C, batch_size, seed + 1)[0]
+    meta = {"hidden": hidden, "layers": layers, "n": n, "tokens": tokens, "C": C}
+    name = f"tiny {arch} (h={hidden}, {layers} layers, {n} x {tokens} tokens)"
+    return Workload(name, model, train, test, meta)
+
+
+def smollm2(n: int = 64, max_length: int = 48, batch_size: int = 8) -> Workload:
+    """SmolLM2-135M-Instruct, LoRA on q, v and the trimmed lm_head, drug reviews."""
+    from peft import LoraConfig, get_peft_model
+
+    from laplace_lora_backend.llm.answer_tokens import (
+        AnswerTokenClassifier,
+        answer_token_ids,
+        trim_lm_head,
+    )
+    from laplace_lora_backend.llm.data import load_dataset, tokenize_prompts
+    from laplace_lora_backend.llm.smollm2 import load_smollm2
+
+    data = load_dataset("drugreview")
+    lm, tokenizer = load_smollm2()
+    ids = answer_token_ids(data.answers, tokenizer)
+    trim_lm_head(lm, ids)
+    torch.manual_seed(0)
+    lora = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "lm_head"]
+    )
+    model = AnswerTokenClassifier(get_peft_model(lm, lora), ids).eval()
+    enc = tokenize_prompts(data, data.train[:n], tokenizer, max_length)
+    train = [
+        {k: v[i : i + batch_size] for k, v in enc.items()}
+        for i in range(0, n, batch_size)
+    ]
+    test = tokenize_prompts(data, data.test[:batch_size], tokenizer, max_length)
+    meta = {"n": n, "tokens": max_length, "C": 3}
+    return Workload(
+        f"SmolLM2-135M, LoRA q,v,lm_head ({n} reviews x {max_length} tokens)",
+        model,
+        train,
+        test,
+        meta,
+    )
+
+
+class _WideLayer(nn.Module):
+    """A `d x d` LoRA-wrapped linear, tanh, token mean, frozen `d -> C` head."""
+
+    def __init__(self, d: int, C: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d, d, bias=False)
+        self.head = nn.Linear(d, C, bias=False)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.head(torch.tanh(self.proj(batch["input_ids"])).mean(1))
+
+
+def wide_layer(
+    d: int, n: int = 32, tokens: int = 16, C: int = 3, batch_size: int = 8
+) -> Workload:
+    """One LoRA layer of width `d` (the width sweep)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["proj"])
+    model = get_peft_model(_WideLayer(d, C), lora).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n + batch_size, tokens, d, generator=g) / d**0.5
+    y = torch.randint(0, C, (n + batch_size,), generator=g)
+    train = [
+        {"input_ids": x[i : i + batch_size], "labels": y[i : i + batch_size]}
+        for i in range(0, n, batch_size)
+    ]
+    test = {"input_ids": x[n:], "labels": y[n:]}
+    return Workload(f"one LoRA layer, width {d}", model, train, test, {"d": d})
+
+
+def many_outputs(C: int, n: int = 16, tokens: int = 16, batch_size: int = 8):
+    """2-layer toy Llama (hidden 64) reading `C` answer tokens (outputs sweep)."""
+    return tiny_lm(
+        "llama",
+        hidden=64,
+        layers=2,
+        n=n,
+        tokens=tokens,
+        C=C,
+        vocab=max(2048, C + 8),
+        batch_size=batch_size,
+    )
