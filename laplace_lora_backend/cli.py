@@ -45,6 +45,13 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--kfac-backend", choices=["ggn", "mc", "ef"], default=None)
+    parser.add_argument(
+        "--prior",
+        choices=["auto", "marglik", "validation"],
+        default=None,
+        help="prior precision of the Laplace methods (default auto: marglik, "
+        "validation NLL if marglik is worse than MAP there)",
+    )
 
 
 def _bench_args(parser: argparse.ArgumentParser) -> None:

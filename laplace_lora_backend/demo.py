@@ -64,6 +64,7 @@ class DemoConfig:
     lora_dropout: float = 0.1
     mcd_samples: int = 4
     kfac_backend: str = "mc"  # curvature for LA: "ggn" | "mc" | "ef"
+    prior: str = "auto"  # prior precision: "auto" | "marglik" | "validation"
     threads: int = 2
     output: str = "demo-output"
     quick: bool = False
@@ -252,12 +253,34 @@ class GLMCache:
         return torch.cat(out)
 
 
-def tune_prior(la, val: GLMCache, map_val_nll: float, log) -> dict[str, Any]:
-    """Marglik, then a validation check that never leaves us worse than MAP.
+PRIOR_MODES = ("auto", "marglik", "validation")
 
-    `val` holds the validation Jacobians (of `la` or of another Laplace object
-    over the same LoRA weights).
+
+def tune_prior(
+    la, val: GLMCache, map_val_nll: float, log, mode: str = "auto"
+) -> dict[str, Any]:
+    """Choose the prior precision; the choice is returned for the JSON.
+
+    Parameters
+    ----------
+    la : fitted Laplace object
+    val : GLMCache
+        Validation Jacobians (of `la` or of another Laplace object over the
+        same LoRA weights): every candidate is scored without new backward
+        passes.
+    map_val_nll : float
+        MAP's validation NLL.
+    log : callable
+    mode : {'auto', 'marglik', 'validation'}
+        ``'marglik'``: maximise the log marginal likelihood (scalar prior).
+        ``'validation'``: the grid value with the lowest validation NLL.
+        ``'auto'`` (default): marglik, unless its validation NLL is worse than
+        MAP's; then the validation choice. In ``'auto'`` and ``'validation'``,
+        if no candidate beats MAP on validation NLL the posterior is switched
+        off (prior precision 1e8, the MAP predictive) and the run says so.
     """
+    if mode not in PRIOR_MODES:
+        raise ValueError(f"Unknown prior mode {mode!r}; choose one of {PRIOR_MODES}.")
     la.optimize_prior_precision(method="marglik", n_steps=100, lr=0.1)
     marglik_prior = la.prior_precision.detach().clone()
 
@@ -266,21 +289,23 @@ def tune_prior(la, val: GLMCache, map_val_nll: float, log) -> dict[str, Any]:
 
     nll_marglik = val_nll(marglik_prior)
     choice = {
+        "mode": mode,
         "marglik_prior": marglik_prior.tolist(),
         "val_nll_marglik": nll_marglik,
         "val_nll_map": map_val_nll,
     }
-    if nll_marglik <= map_val_nll:
+    if mode == "marglik" or (mode == "auto" and nll_marglik <= map_val_nll):
         choice.update(method="marglik", prior_precision=marglik_prior.tolist())
         la.prior_precision = marglik_prior
         return choice
-    grid = torch.logspace(-2, 6, 25, dtype=la._dtype)
+    grid = torch.logspace(-4, 6, 31, dtype=la._dtype)
     scores = [val_nll(p) for p in grid]
     best = min(range(len(grid)), key=scores.__getitem__)
     if scores[best] <= map_val_nll:
         log(
-            f"  marglik prior is worse than MAP on validation NLL ({nll_marglik:.4f} "
-            f"> {map_val_nll:.4f}); using the validation choice {float(grid[best]):.3g}"
+            f"  validation NLL: marglik prior {nll_marglik:.4f}, MAP "
+            f"{map_val_nll:.4f}; using the validation choice {float(grid[best]):.3g} "
+            f"({scores[best]:.4f})"
         )
         choice.update(
             method="validation", prior_precision=float(grid[best]), val_nll=scores[best]
@@ -356,7 +381,7 @@ def run_seed(cfg: DemoConfig, data: TextDataset, seed: int, log) -> dict[str, An
                 for split in ("val", "test")
             }
         cache = caches[subset]
-        priors[name] = tune_prior(la, cache["val"], map_val_nll, log)
+        priors[name] = tune_prior(la, cache["val"], map_val_nll, log, cfg.prior)
         probs[name] = cache["test"].probs(None, la)
         timings[f"{name}_predict_s"] = time.perf_counter() - t0
         del la

@@ -96,3 +96,52 @@ def test_glm_cache_equals_laplace_probit_for_kron_and_diag(prior):
         assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
     # the two posteriors differ, so the check above is not vacuous
     assert not torch.allclose(cache.probs(prior, las[0]), cache.probs(prior, las[1]))
+
+
+def test_prior_modes_marglik_validation_and_auto():
+    """'marglik' keeps the evidence optimum, 'validation' the grid value with
+    the lowest validation NLL (or MAP's predictive if none beats MAP), and
+    'auto' one of the two by the validation check."""
+    from laplace import Laplace
+
+    from laplace_lora_backend.demo import (
+        GLMCache,
+        _nll,
+        build_model,
+        make_splits,
+        tune_prior,
+    )
+    from laplace_lora_backend.llm.finetune import predict_logits
+
+    cfg = DemoConfig.quick_config(model="tiny", n_train=16, n_val=16)
+    data = load_dataset("drugreview")
+    model, tokenizer = build_model(cfg, data, 0)
+    splits = make_splits(cfg, data, tokenizer, 0)
+    la = Laplace(
+        model, "classification", subset_of_weights="lora", hessian_structure="kron"
+    )
+    la.fit(splits["train"])
+    val = GLMCache(la, splits["val"])
+    map_nll = _nll(predict_logits(model, splits["val"]).softmax(-1), val.labels)
+    quiet = lambda *a: None  # noqa: E731
+
+    m = tune_prior(la, val, map_nll, quiet, "marglik")
+    assert m["method"] == "marglik"
+    assert la.prior_precision.tolist() == m["marglik_prior"]
+
+    v = tune_prior(la, val, map_nll, quiet, "validation")
+    grid = torch.logspace(-4, 6, 31, dtype=la._dtype)
+    scores = [_nll(val.probs(p, la), val.labels) for p in grid]
+    if v["method"] == "validation":
+        assert v["prior_precision"] == pytest.approx(
+            float(grid[int(torch.tensor(scores).argmin())])
+        )
+        assert v["val_nll"] == pytest.approx(min(scores)) and min(scores) <= map_nll
+    else:
+        assert v["method"] == "fallback-to-MAP" and min(scores) > map_nll
+
+    a = tune_prior(la, val, map_nll, quiet, "auto")
+    expected = "marglik" if a["val_nll_marglik"] <= map_nll else v["method"]
+    assert a["method"] == expected
+    with pytest.raises(ValueError, match="Unknown prior mode"):
+        tune_prior(la, val, map_nll, quiet, "grid")
