@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from laplace import DiagLaplace, FullLaplace, KronLaplace
-from laplace.baselaplace import BaseLaplace, ParametricLaplace
+from laplace.baselaplace import ParametricLaplace
 from laplace.utils import Kron, Likelihood
 from torch import distributed as dist
 from torch.nn.utils import parameters_to_vector
@@ -159,8 +159,10 @@ class LoRALaplace:
 
     @property
     def _dtype(self) -> torch.dtype:
-        """Posterior dtype: float32 for float16 / bfloat16 models."""
-        return compute_dtype(next(self.model.parameters()).dtype)
+        """Posterior dtype: float32 for float16 / bfloat16 LoRA weights."""
+        weights = getattr(self, "lora_weights", None)
+        p = weights[0].param if weights else next(self.model.parameters())
+        return compute_dtype(p.dtype)
 
     # ------------------------------------------------------------ bad input
     @property
@@ -177,7 +179,15 @@ class LoRALaplace:
                 "; it is the inverse prior variance (e.g. 1.0, or tune it with "
                 "optimize_prior_precision)."
             )
-        BaseLaplace.prior_precision.fset(self, prior_precision)
+        # the next class's setter (KronLaplace checks scalar / per-layer shapes,
+        # after assigning): keep the previous value if it refuses
+        previous = getattr(self, "_prior_precision", None)
+        try:
+            super(LoRALaplace, type(self)).prior_precision.fset(self, prior_precision)
+        except ValueError:
+            if previous is not None:
+                self._prior_precision = previous
+            raise
 
     def _check_H_init(self) -> None:
         if not getattr(self, "_is_fitted", False):
@@ -220,10 +230,16 @@ class LoRALaplace:
                 "adapter used at fit (model.set_adapter), or call fit again."
             )
 
-    def _check_batch_keys(self, x: Any, need_y: bool) -> None:
+    def _check_batch_keys(self, x: Any, need_x: bool) -> None:
+        """`dict_key_y` in fit; `dict_key_x` when predicting (if the model reads it).
+
+        Models are called with the whole dict, so `dict_key_x` is only
+        required when predicting with a model that reads it: a transformers /
+        PEFT model or an `AnswerTokenClassifier` (``input_ids``).
+        """
         if not isinstance(x, MutableMapping):
             return
-        keys = [self.dict_key_x] + ([self.dict_key_y] if need_y else [])
+        keys = [self.dict_key_x] if need_x else [self.dict_key_y]
         missing = [k for k in keys if k not in x]
         if missing:
             raise ValueError(
@@ -236,7 +252,7 @@ class LoRALaplace:
         """Iterate `loader`, checking keys and targets of every batch."""
         for data in loader:
             if isinstance(data, MutableMapping):
-                self._check_batch_keys(data, need_y=True)
+                self._check_batch_keys(data, need_x=False)
                 y = data[self.dict_key_y]
             elif isinstance(data, Sequence) and len(data) == 2:
                 y = data[1]
@@ -251,14 +267,22 @@ class LoRALaplace:
     def __call__(self, x, *args: Any, **kwargs: Any):
         """Posterior predictive (see laplace-torch); checks the batch first."""
         self._check_lora_unchanged()
-        self._check_batch_keys(x, need_y=False)
+        self._check_batch_keys(x, need_x=self._reads_dict_key_x)
         return super().__call__(x, *args, **kwargs)
 
     def functional_samples(self, x, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Function-space samples (see laplace-torch); checks the batch first."""
         self._check_lora_unchanged()
-        self._check_batch_keys(x, need_y=False)
+        self._check_batch_keys(x, need_x=self._reads_dict_key_x)
         return super().functional_samples(x, *args, **kwargs)
+
+    @property
+    def _reads_dict_key_x(self) -> bool:
+        """Whether the model needs `dict_key_x` in a dict batch."""
+        from laplace_lora_backend.hf_models import HFLogitsModel
+        from laplace_lora_backend.llm.answer_tokens import AnswerTokenClassifier
+
+        return isinstance(self.model, HFLogitsModel | AnswerTokenClassifier)
 
     def _init_H(self) -> None:
         if getattr(self, "lora_weights", None) is None:
@@ -289,8 +313,8 @@ class LoRALaplace:
         Wb = head() if callable(head) and self._uses_lora_backend else None
         if Wb is None or joint or Wb[0].shape[0] <= Wb[0].shape[1]:
             return super()._glm_predictive_distribution(X, joint, diagonal_output)
-        W, b = (t.detach() if t is not None else None for t in Wb)
         Js, h = self.backend.jacobians(X, features=True)
+        W, b = (t.detach().to(h.dtype) if t is not None else None for t in Wb)
         f_mu = h @ W.T if b is None else h @ W.T + b
         f_var = W @ self.functional_variance(Js) @ W.T
         if diagonal_output:
@@ -473,6 +497,9 @@ class LoRALaplace:
         """State of a rank whose shard is empty: zero curvature and loss."""
         self.n_outputs = n_outputs
         self.model.output_size = n_outputs
+        self.model.eval()  # as laplace-torch's fit does on the other ranks
+        if hasattr(self, "_posterior_scale"):
+            self._posterior_scale = None
         self._init_H()
         if isinstance(self, KronLaplace):
             self.H_facs = self.H

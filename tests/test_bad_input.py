@@ -125,18 +125,53 @@ def test_unsupported_likelihood(likelihood):
 
 
 def test_batch_dicts_missing_keys():
-    _, la = new_la()
+    """Fit needs `dict_key_y`; predicting with a model that reads `dict_key_x`
+    (transformers / PEFT, `AnswerTokenClassifier`) needs `dict_key_x`. Other
+    models get the whole dict, so other input keys stay allowed."""
+    from helpers import make_lm
+    from peft import get_peft_model
+
+    from laplace_lora_backend.llm import AnswerTokenClassifier
+
+    lm, targets = make_lm("llama")
+    peft_lm = get_peft_model(lm, LoraConfig(r=4, target_modules=targets)).double()
+    model = AnswerTokenClassifier(peft_lm, [0, 1, 2]).eval()
+    la = Laplace(
+        model, "classification", subset_of_weights="lora", hessian_structure="kron"
+    )
     batch = make_batch(6)
     no_y = {k: v for k, v in batch.items() if k != "labels"}
     no_x = {k: v for k, v in batch.items() if k != "input_ids"}
     with pytest.raises(ValueError, match=r"no key\(s\) \['labels'\].*dict_key_y"):
         la.fit(ListLoader([no_y]))
-    with pytest.raises(ValueError, match=r"no key\(s\) \['input_ids'\]"):
-        la.fit(ListLoader([no_x]))
     la.fit(ListLoader([batch]))
     with pytest.raises(ValueError, match=r"no key\(s\) \['input_ids'\]"):
         la(no_x)
     assert torch.isfinite(la(batch)).all()
+
+
+def test_other_input_keys_are_allowed_for_custom_models():
+    """A custom model reading its own key is called with the whole dict."""
+    model = make_peft_classifier("llama")
+    inner = model.forward
+    model.forward = lambda b: inner({"input_ids": b["tokens"]})
+    batch = make_batch(6, pad=False)
+    renamed = {"tokens": batch["input_ids"], "labels": batch["labels"]}
+    la = Laplace(
+        model, "classification", subset_of_weights="lora", hessian_structure="kron"
+    )
+    la.fit(ListLoader([renamed]))
+    assert torch.isfinite(la(renamed)).all()
+
+
+def test_kron_prior_structure_refused_and_previous_prior_kept():
+    _, la = new_la()
+    la.fit(make_loader(make_batch(6)))
+    la.prior_precision = 2.0
+    with pytest.raises(ValueError, match="either scalar or per-layer"):
+        la.prior_precision = torch.ones(la.n_params)
+    assert la.prior_precision.tolist() == [2.0]
+    assert torch.isfinite(la.log_marginal_likelihood())
 
 
 @pytest.mark.parametrize(

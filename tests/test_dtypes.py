@@ -93,3 +93,46 @@ def test_rank_deficient_factors_are_positive_definite_with_the_prior():
         probs = la(batch)
         assert torch.isfinite(probs).all()
         assert torch.allclose(probs.sum(-1), torch.ones(2, dtype=probs.dtype))
+
+
+def test_bf16_feature_jacobian_path_for_many_answers():
+    """C > hidden answers through a frozen lm_head (features route) in bf16."""
+    from helpers import make_lm
+    from peft import LoraConfig, get_peft_model
+
+    from laplace_lora_backend.llm import AnswerTokenClassifier
+
+    lm, targets = make_lm("llama")  # hidden 32, vocabulary 40
+    peft_lm = get_peft_model(lm, LoraConfig(r=4, target_modules=targets))
+    model32 = AnswerTokenClassifier(peft_lm, list(range(36))).float().eval()
+    assert model32.linear_head()[0].shape == (36, 32)  # more answers than hidden
+    model16 = copy.deepcopy(model32).to(torch.bfloat16)
+    batch = make_batch(4, T=6, seed=3, n_out=36)
+    probs = []
+    for model in (model32, model16):
+        la = Laplace(
+            model, "classification", subset_of_weights="lora", hessian_structure="kron"
+        )
+        la.fit(make_loader(make_batch(8, T=6, n_out=36), batch_size=4))
+        probs.append(la(batch))
+    assert probs[1].dtype == torch.float32 and torch.isfinite(probs[1]).all()
+    assert (probs[1] - probs[0]).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("backend_kwargs", [{"stochastic": True}, {}])
+def test_bf16_regression(backend_kwargs):
+    """bf16 regression with float32 targets, MC Fisher and exact GGN."""
+    model = make_peft_classifier("llama", n_out=2).to(torch.bfloat16)
+    batch = make_batch(6, T=5, n_out=2) | {"labels": torch.randn(6, 2)}
+    for structure in ("kron", "diag"):
+        la = Laplace(
+            model,
+            "regression",
+            subset_of_weights="lora",
+            hessian_structure=structure,
+            backend_kwargs=backend_kwargs,
+        )
+        la.fit(make_loader(batch))
+        assert torch.isfinite(la.log_marginal_likelihood())
+        mean, var = la(batch)
+        assert torch.isfinite(mean).all() and (var.diagonal(dim1=1, dim2=2) > 0).all()

@@ -196,6 +196,8 @@ class LoRAInterface(CurvatureInterface):
     def _loss(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Summed loss in `compute_dtype`, after checking the targets."""
         check_targets(y, f.shape[-1], self.likelihood)
+        if y.is_floating_point():  # regression / soft targets in the same dtype
+            y = y.to(self.compute_dtype)
         return self.lossfunc(f.to(self.compute_dtype), y)
 
     def _backward(self, scalar: torch.Tensor, retain_graph: bool) -> None:
@@ -544,7 +546,7 @@ class LoRAGGN(LoRAInterface, GGNInterface):
         """
         B, C = f.shape
         if self.likelihood == Likelihood.REGRESSION:
-            eye = torch.eye(C, dtype=f.dtype, device=f.device)
+            eye = torch.eye(C, dtype=self.compute_dtype, device=f.device)
             return math.sqrt(2.0) * eye.expand(B, C, C)
         p = f.to(self.compute_dtype).softmax(-1)
         s = p.sqrt()
