@@ -105,13 +105,15 @@ class PeakMemory:
             self.cuda_bytes = torch.cuda.max_memory_allocated() - self._cuda0
 
 
-def _child(fn: Callable[..., Any], args: tuple, limit_bytes: int | None, queue):
+def _child(
+    fn: Callable[..., Any], args: tuple, limit_bytes: int | None, threads: int, queue
+):
     if limit_bytes:
         import resource
 
         resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
     try:
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads)
         queue.put(fn(*args))
     except Exception as exc:  # reported to the parent
         first = (str(exc).splitlines() or [""])[0][:160]
@@ -123,15 +125,19 @@ def run_limited(
     args: tuple,
     timeout_s: float,
     limit_bytes: int | None = None,
+    threads: int | None = None,
 ) -> Any:
     """`fn(*args)` in a spawned child with a time and address-space limit.
+
+    The child uses `threads` torch threads (default: the parent's).
 
     Returns its (picklable) result, or ``{"error": ...}`` on an exception,
     a timeout or a crash. `fn` must be importable (module level).
     """
     ctx = mp.get_context("spawn")  # fork can deadlock torch's thread pool
     queue = ctx.Queue()
-    child = ctx.Process(target=_child, args=(fn, args, limit_bytes, queue))
+    threads = threads or torch.get_num_threads()
+    child = ctx.Process(target=_child, args=(fn, args, limit_bytes, threads, queue))
     child.start()
     child.join(timeout=timeout_s)
     if child.is_alive():

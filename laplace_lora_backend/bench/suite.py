@@ -33,6 +33,7 @@ import resource
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -148,13 +149,26 @@ def _agreement(cells: list[dict]) -> None:
         c.pop("probs", None)
 
 
-def section_models(workloads: list, repeats: int, limit_s: float) -> list[dict]:
+def section_models(
+    workloads: list, repeats: int, limit_s: float, memory_in_child: bool
+) -> list[dict]:
+    """Every contender on every workload.
+
+    With `memory_in_child`, each cell's fit memory is also measured in a
+    fresh child process (`fit_peak_rss_mib`); the in-process sampled value
+    (`peak_rss_mib`) is affected by memory freed by earlier cells.
+    """
     out = []
     for make in workloads:
         wl = make()
         cells = []
         for contender in tqdm(CONTENDERS, desc=wl.name[:40]):
-            cells.append(model_cell(wl, contender, repeats, limit_s))
+            cell = model_cell(wl, contender, repeats, limit_s)
+            if memory_in_child and "error" not in cell:
+                cell.update(
+                    run_limited(fit_memory_cell, (make, contender.name), limit_s)
+                )
+            cells.append(cell)
         _agreement(cells)
         out.append({"workload": wl.name, "meta": wl.meta, "cells": cells})
         del wl
@@ -162,18 +176,40 @@ def section_models(workloads: list, repeats: int, limit_s: float) -> list[dict]:
 
 
 # ------------------------------------------------------------------ widths
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def fit_memory_cell(make, contender_name: str) -> dict:
+    """Peak RSS added by one fit, in a fresh child process.
+
+    The model and data are built first; the result is the process's peak RSS
+    after the fit minus its RSS before it.
+    """
+    from laplace_lora_backend.bench.measure import _rss_bytes
+
+    contender = next(c for c in CONTENDERS if c.name == contender_name)
+    wl = make()
+    la = contender.build(wl.model)
+    before = _rss_bytes()
+    la.fit(Loader(wl.train))
+    return {"fit_peak_rss_mib": (_peak_rss_bytes() - before) / MIB}
+
+
 def width_cell(contender_name: str, d: int, repeats: int) -> dict:
     """One width-sweep cell (runs in a child process)."""
-    torch.set_num_threads(1)
+    from laplace_lora_backend.bench.measure import _rss_bytes
+
     contender = next(c for c in CONTENDERS if c.name == contender_name)
     wl = wide_layer(d)
     la = contender.build(wl.model)
     loader = Loader(wl.train)
+    before = _rss_bytes()
     times = timed(lambda: la.fit(loader), repeats)
     return {
         "fit_s": statistics.median(times),
         "factor_mib": _factor_bytes(la) / MIB,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": (_peak_rss_bytes() - before) / MIB,
     }
 
 
@@ -275,6 +311,11 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def rss_key(cell: dict) -> str:
+    """Child-process fit memory where measured, else the in-process sample."""
+    return "fit_peak_rss_mib" if "fit_peak_rss_mib" in cell else "peak_rss_mib"
+
+
 def to_markdown(result: dict) -> str:
     lines = [f"# laplace-lora bench ({result['meta']['mode']})", ""]
     lines += [f"- {k}: {v}" for k, v in result["meta"].items()]
@@ -283,9 +324,9 @@ def to_markdown(result: dict) -> str:
             "",
             f"## {wl['workload']}",
             "",
-            "| contender | fit (s) | fit / fwd+bwd | peak RSS (MiB) | factors (MiB) "
-            "| marglik (s) | predict (s/batch) | predict / fwd | lml rel. diff "
-            "| probs max diff |",
+            "| contender | fit (s) | fit / fwd+bwd | fit peak RSS (MiB) "
+            "| factors (MiB) | marglik (s) | predict (s/batch) | predict / fwd "
+            "| lml rel. diff | probs max diff |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for c in wl["cells"]:
@@ -301,7 +342,9 @@ def to_markdown(result: dict) -> str:
                         for k in (
                             "fit_s",
                             "fit_x",
-                            "peak_rss_mib",
+                            "fit_peak_rss_mib"
+                            if "fit_peak_rss_mib" in c
+                            else "peak_rss_mib",
                             "factor_mib",
                             "marglik_s",
                             "predict_s",
@@ -318,7 +361,7 @@ def to_markdown(result: dict) -> str:
             "",
             "## Width sweep (one LoRA layer; fresh process per cell)",
             "",
-            "| width | contender | fit (s) | factors (MiB) | peak RSS (MiB) |",
+            "| width | contender | fit (s) | factors (MiB) | fit peak RSS (MiB) |",
             "|---:|---|---:|---:|---:|",
         ]
         for r in result["widths"]:
@@ -409,13 +452,14 @@ def run_suite(
     repeats = repeats or (2 if quick else 3)
     t0 = time.perf_counter()
     if quick:
+        small = dict(hidden=64, layers=2, n=16, tokens=32)
         workloads = [
-            lambda: tiny_lm("llama", hidden=64, layers=2, n=16, tokens=32),
-            lambda: tiny_lm("gpt2", hidden=64, layers=2, n=16, tokens=32),
+            partial(tiny_lm, "llama", **small),
+            partial(tiny_lm, "gpt2", **small),
         ]
         widths, classes, limit_s = [256, 1024], [2, 8], min(limit_s, 120.0)
     else:
-        workloads = [lambda: tiny_lm("llama"), lambda: tiny_lm("gpt2")]
+        workloads = [partial(tiny_lm, "llama"), partial(tiny_lm, "gpt2")]
         widths, classes = [256, 1024, 4096, 16384, 65536], [2, 8, 100, 1000]
     if smollm2_workload:
         workloads.append(smollm2)
@@ -432,7 +476,9 @@ def run_suite(
         }
     }
     if "models" in sections:
-        result["models"] = section_models(workloads, repeats, limit_s)
+        result["models"] = section_models(
+            workloads, repeats, limit_s, memory_in_child=not quick
+        )
     if "widths" in sections:
         result["widths"] = section_widths(widths, repeats, limit_s, mem_gib)
     if "outputs" in sections:

@@ -164,12 +164,16 @@ def smollm2(n: int = 64, max_length: int = 48, batch_size: int = 8) -> Workload:
 
 
 class _WideLayer(nn.Module):
-    """A `d x d` LoRA-wrapped linear, tanh, token mean, frozen `d -> C` head."""
+    """A LoRA-wrapped `d -> 64` linear, tanh, token mean, frozen `64 -> C` head.
 
-    def __init__(self, d: int, C: int) -> None:
+    The LoRA input factor is `d x d`; the frozen base weight is only `64 x d`,
+    so memory measures the curvature, not the model.
+    """
+
+    def __init__(self, d: int, C: int, out: int = 64) -> None:
         super().__init__()
-        self.proj = nn.Linear(d, d, bias=False)
-        self.head = nn.Linear(d, C, bias=False)
+        self.proj = nn.Linear(d, out, bias=False)
+        self.head = nn.Linear(out, C, bias=False)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.head(torch.tanh(self.proj(batch["input_ids"])).mean(1))
@@ -189,7 +193,9 @@ def wide_layer(
             if "lora_B" in name:
                 p.normal_(0, 0.02)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(n + batch_size, tokens, d, generator=g) / d**0.5
+    # inputs with a decaying spectrum, as real activations have
+    scales = torch.logspace(0, -2, d)
+    x = torch.randn(n + batch_size, tokens, d, generator=g) * scales
     y = torch.randint(0, C, (n + batch_size,), generator=g)
     train = [
         {"input_ids": x[i : i + batch_size], "labels": y[i : i + batch_size]}
@@ -199,7 +205,9 @@ def wide_layer(
     return Workload(f"one LoRA layer, width {d}", model, train, test, {"d": d})
 
 
-def many_outputs(C: int, n: int = 16, tokens: int = 16, batch_size: int = 8):
+def many_outputs(
+    C: int, n: int = 16, tokens: int = 16, batch_size: int = 8
+) -> Workload:
     """2-layer toy Llama (hidden 64) reading `C` answer tokens (outputs sweep)."""
     return tiny_lm(
         "llama",
