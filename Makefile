@@ -33,7 +33,7 @@ setup-demo: venv
 	$(PIP) uninstall -q -y torchvision || true
 
 demo: setup-demo
-	$(VENV)/bin/laplace-lora demo --output benchmarks/results/demo
+	$(VENV)/bin/laplace-lora demo --output demo-output
 
 test: setup-dev lint
 	$(PY) -m pytest
