@@ -43,7 +43,7 @@ def union_batch():
     return make_batch(N_UNION, T=5, seed=0)
 
 
-def test_batch():
+def probe_batch():
     return make_batch(4, T=5, seed=7)
 
 
@@ -75,7 +75,7 @@ def summary(la):
         [la.log_marginal_likelihood(prior_precision=p).detach() for p in PRIORS]
     )
     la.prior_precision = 1.0
-    out["probs"] = la(test_batch())
+    out["probs"] = la(probe_batch())
     if hasattr(la, "H_facs"):  # exact traces of the low-rank factors
         out["traces"] = [
             F.trace for b in la.H_facs.kfacs for F in b if isinstance(F, LowRankFactor)
