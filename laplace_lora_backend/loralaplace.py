@@ -199,8 +199,7 @@ class LoRALaplace:
 
     def _lora_signature(self) -> list[tuple[str, tuple[int, ...]]]:
         """Names and shapes of the model's selected LoRA weights, now."""
-        weights = find_lora_weights(self.model, self.lora_modules)
-        return [(w.name, tuple(w.param.shape)) for w in weights]
+        return _signature(find_lora_weights(self.model, self.lora_modules))
 
     def _check_lora_unchanged(self) -> None:
         """Raise if the LoRA weights differ from those the posterior is over."""
@@ -411,9 +410,7 @@ class LoRALaplace:
         except TypeError:  # loaders without __len__ are checked while iterating
             empty = False
         if empty and group is None:
-            raise ValueError(
-                "train_loader is empty: fit needs at least one batch of training data."
-            )
+            raise ValueError(_EMPTY_LOADER)
         self._is_fitted = False
         self.n_outputs = None  # set by laplace-torch from the first batch
         self._n_seen = 0
@@ -425,10 +422,7 @@ class LoRALaplace:
                 self._check_factors_finite()
         except StopIteration as err:  # laplace-torch's next(iter(train_loader))
             if group is None:
-                raise ValueError(
-                    "train_loader is empty: fit needs at least one batch of "
-                    "training data."
-                ) from err
+                raise ValueError(_EMPTY_LOADER) from err
             empty = True
         except Exception as err:
             if group is None:
@@ -461,7 +455,7 @@ class LoRALaplace:
             n_declared = self._n_seen
         report = RankReport(
             rank=rank,
-            signature=[(w.name, tuple(w.param.shape)) for w in self.lora_weights],
+            signature=_signature(self.lora_weights),
             checksum=(float(theta.sum()), float(theta.square().sum())),
             n_seen=0 if empty or error else self._n_seen,
             n_declared=n_declared,
@@ -514,9 +508,7 @@ class LoRALaplace:
         self._mark_loaded()
 
     def _mark_loaded(self) -> None:
-        self._fit_signature = [
-            (w.name, tuple(w.param.shape)) for w in self.lora_weights
-        ]
+        self._fit_signature = _signature(self.lora_weights)
         self._is_fitted = True
 
     def _check_factors_finite(self) -> None:
@@ -530,12 +522,9 @@ class LoRALaplace:
                 for block in H.kfacs
             ]
             bad = first_non_finite(per_weight, names)
-        else:
-            sizes = [p.numel() for p in self.params]
-            if H.ndim == 1:
-                bad = first_non_finite(list(H.split(sizes)), names)
-            else:
-                bad = first_non_finite(list(H.split(sizes, dim=0)), names)
+        else:  # diagonal (P,) or full (P, P): the rows of each weight
+            rows = H.split([p.numel() for p in self.params])
+            bad = first_non_finite(list(rows), names)
         loss_ok = bool(torch.isfinite(torch.as_tensor(self.loss)).all())
         if bad is not None or not loss_ok:
             self._is_fitted = False
@@ -607,6 +596,14 @@ class LoRALaplace:
                 f"Use {saved['class']}.from_pretrained or LoRALaplace.from_pretrained."
             )
         return load_posterior(directory, model, **kwargs)
+
+
+_EMPTY_LOADER = "train_loader is empty: fit needs at least one batch of training data."
+
+
+def _signature(weights: Sequence[LoRAWeight]) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of LoRA weights, in order (what a posterior is over)."""
+    return [(w.name, tuple(w.param.shape)) for w in weights]
 
 
 def _factors(block: Any) -> list[Any]:

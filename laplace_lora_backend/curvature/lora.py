@@ -258,8 +258,7 @@ class LoRAInterface(CurvatureInterface):
                     for k, c in enumerate(classes):
                         V[k, :, c] = 1.0
                     grads = self._batched_vjp(f, outputs, V, last=start + chunk >= C)
-                    # NaN appear first in the last module of the forward pass
-                    check_finite(grads[::-1], self._names[::-1], "output gradients")
+                    self._check_output_grads(grads)
                     Js.append(self._jacobian_block(inputs, grads, len(classes)))
         return torch.cat(Js, dim=1).detach(), f.detach().to(self.compute_dtype)
 
@@ -341,12 +340,34 @@ class LoRAInterface(CurvatureInterface):
                 f = self._forward(x)
                 inputs = self._checked_inputs(rec, f)
                 loss = self._loss(f, y)
-                grads = torch.autograd.grad(loss, list(rec.outputs), allow_unused=True)
-                # NaN appear first in the last module of the forward pass
-                check_finite(grads[::-1], self._names[::-1], "output gradients")
-                grads = [None if g is None else g.unsqueeze(0) for g in grads]
-                Gs = self._jacobian_block(inputs, grads, 1).squeeze(1)
+                Gs = self._per_example_gradients(loss, list(rec.outputs), inputs)
         return Gs.detach(), loss.detach()
+
+    def _check_output_grads(self, grads: Sequence[torch.Tensor | None]) -> None:
+        """Raise on NaN / Inf, naming the module where they appear first.
+
+        That is the last module of the forward pass with bad gradients.
+        """
+        check_finite(grads[::-1], self._names[::-1], "output gradients")
+
+    def _per_example_gradients(
+        self,
+        scalar: torch.Tensor,
+        outputs: list[torch.Tensor],
+        inputs: list[torch.Tensor],
+        retain_graph: bool = False,
+    ) -> torch.Tensor:
+        """Per-example gradients `(batch, P)` of `scalar`, a sum over examples.
+
+        One backward pass to the LoRA layer outputs; the weight gradients are
+        formed per example from those and the layer `inputs`.
+        """
+        grads = torch.autograd.grad(
+            scalar, outputs, retain_graph=retain_graph, allow_unused=True
+        )
+        self._check_output_grads(grads)
+        grads = [None if g is None else g.unsqueeze(0) for g in grads]
+        return self._jacobian_block(inputs, grads, 1).squeeze(1)
 
     # ------------------------------------------------------------------- K-FAC
     def _output_gradient_passes(self, f: torch.Tensor, y: torch.Tensor):
@@ -526,16 +547,11 @@ class LoRAGGN(LoRAInterface, GGNInterface):
                 passes = list(self._output_gradient_passes(f, y))
                 H = f.new_zeros(sum(p.numel() for p in self.params))
                 H = H.to(self.compute_dtype)
+                outputs = list(rec.outputs)
                 for k, (scalar, weight) in enumerate(passes):
-                    grads = torch.autograd.grad(
-                        scalar,
-                        list(rec.outputs),
-                        retain_graph=k < len(passes) - 1,
-                        allow_unused=True,
+                    G = self._per_example_gradients(
+                        scalar, outputs, inputs, retain_graph=k < len(passes) - 1
                     )
-                    check_finite(grads[::-1], self._names[::-1], "output gradients")
-                    grads = [None if g is None else g.unsqueeze(0) for g in grads]
-                    G = self._jacobian_block(inputs, grads, 1).squeeze(1)  # (B, P)
                     H += weight * G.square().sum(0)
         return self.factor * loss.detach(), self.factor * H
 
