@@ -11,7 +11,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["sync", "timed", "timed_ratio", "PeakMemory", "run_limited"]
+__all__ = [
+    "sync",
+    "timed",
+    "timed_ratio",
+    "rss_bytes",
+    "peak_rss_bytes",
+    "PeakMemory",
+    "error_message",
+    "run_limited",
+]
 
 
 def sync() -> None:
@@ -52,9 +61,23 @@ def timed_ratio(
     return statistics.median(times), statistics.median(ratios)
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
+    """Resident memory of this process now (Linux `/proc`)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def error_message(exc: BaseException) -> str:
+    """``"TypeName: first line"`` of an exception, for result tables."""
+    first = (str(exc).splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:160]}"
 
 
 class PeakMemory:
@@ -77,7 +100,7 @@ class PeakMemory:
 
     def __enter__(self) -> PeakMemory:
         try:
-            self._base = _rss_bytes()
+            self._base = rss_bytes()
         except OSError:
             self._base = None
         self._peak = self._base or 0
@@ -92,14 +115,14 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self._peak = max(self._peak, _rss_bytes())
+            self._peak = max(self._peak, rss_bytes())
             time.sleep(self.interval)
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         if self._base is not None:
             self._thread.join()
-            self._peak = max(self._peak, _rss_bytes())
+            self._peak = max(self._peak, rss_bytes())
             self.rss_bytes = self._peak - self._base
         if torch.cuda.is_available():
             self.cuda_bytes = torch.cuda.max_memory_allocated() - self._cuda0
@@ -116,8 +139,7 @@ def _child(
         torch.set_num_threads(threads)
         queue.put(fn(*args))
     except Exception as exc:  # reported to the parent
-        first = (str(exc).splitlines() or [""])[0][:160]
-        queue.put({"error": f"{type(exc).__name__}: {first}"})
+        queue.put({"error": error_message(exc)})
 
 
 def run_limited(

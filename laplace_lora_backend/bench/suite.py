@@ -29,7 +29,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -43,6 +42,9 @@ from tqdm.auto import tqdm
 from laplace_lora_backend.bench.contenders import CONTENDERS, REFERENCE
 from laplace_lora_backend.bench.measure import (
     PeakMemory,
+    error_message,
+    peak_rss_bytes,
+    rss_bytes,
     run_limited,
     timed,
     timed_ratio,
@@ -59,11 +61,6 @@ from laplace_lora_backend.bench.workloads import (
 __all__ = ["run_suite"]
 
 MIB = 2**20
-
-
-def _error(exc: BaseException) -> str:
-    first = (str(exc).splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {first[:160]}"
 
 
 def _factor_bytes(la: Any) -> int:
@@ -132,7 +129,7 @@ def model_cell(wl: Workload, contender, repeats: int, limit_s: float) -> dict:
         cell["lml"] = la.log_marginal_likelihood().item()
         cell["probs"] = predict().detach().double()
     except Exception as exc:  # refused or failed: reported, not dropped
-        cell["error"] = _error(exc)
+        cell["error"] = error_message(exc)
     return cell
 
 
@@ -176,40 +173,32 @@ def section_models(
 
 
 # ------------------------------------------------------------------ widths
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def fit_memory_cell(make, contender_name: str) -> dict:
     """Peak RSS added by one fit, in a fresh child process.
 
     The model and data are built first; the result is the process's peak RSS
     after the fit minus its RSS before it.
     """
-    from laplace_lora_backend.bench.measure import _rss_bytes
-
     contender = next(c for c in CONTENDERS if c.name == contender_name)
     wl = make()
     la = contender.build(wl.model)
-    before = _rss_bytes()
+    before = rss_bytes()
     la.fit(Loader(wl.train))
-    return {"fit_peak_rss_mib": (_peak_rss_bytes() - before) / MIB}
+    return {"fit_peak_rss_mib": (peak_rss_bytes() - before) / MIB}
 
 
 def width_cell(contender_name: str, d: int, repeats: int) -> dict:
     """One width-sweep cell (runs in a child process)."""
-    from laplace_lora_backend.bench.measure import _rss_bytes
-
     contender = next(c for c in CONTENDERS if c.name == contender_name)
     wl = wide_layer(d)
     la = contender.build(wl.model)
     loader = Loader(wl.train)
-    before = _rss_bytes()
+    before = rss_bytes()
     times = timed(lambda: la.fit(loader), repeats)
     return {
         "fit_s": statistics.median(times),
         "factor_mib": _factor_bytes(la) / MIB,
-        "peak_rss_mib": (_peak_rss_bytes() - before) / MIB,
+        "peak_rss_mib": (peak_rss_bytes() - before) / MIB,
     }
 
 
@@ -267,7 +256,7 @@ def upstream_predict_cell(C: int, repeats: int) -> dict:
     probs = ref(wl.test, link_approx="probit").double()
     return {
         "predict_s": statistics.median(times),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_bytes() / MIB,
         "probs": probs.tolist(),
     }
 
