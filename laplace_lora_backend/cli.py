@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 
 def _demo_args(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
             limit_s=args.limit_s,
             mem_gib=args.mem_gib,
             threads=args.threads,
+            command="laplace-lora " + " ".join(sys.argv[1:] if argv is None else argv),
         )
 
 

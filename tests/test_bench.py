@@ -16,8 +16,19 @@ def test_quick_bench_writes_tables_and_agrees_with_laplace_torch(tmp_path):
     for wl in result["models"]:
         cells = {c["contender"]: c for c in wl["cells"]}
         ours = cells["ours kron dense"]
-        for key in ("fit_s", "fit_x", "factor_mib", "marglik_s", "predict_s"):
-            assert ours[key] > 0
+        for key in (
+            "fit_s",
+            "fit_x",
+            "fwd_bwd_s",
+            "factor_mib",
+            "marglik_s",
+            "marglik_x",
+            "predict_s",
+            "predict_x",
+        ):
+            assert ours[key] > 0, key
+        assert ours["runs"] == 2  # tiny cells fit the time budget
+        assert cells["ours kron MC"]["fit_x"] > 0
         # same K-FAC (exact GGN, expand) as laplace-torch + Curvlinops
         ref = cells["laplace-torch kron CurvlinopsGGN"]
         assert ref["agree_with"] == "ours kron dense"
@@ -34,4 +45,5 @@ def test_quick_bench_writes_tables_and_agrees_with_laplace_torch(tmp_path):
     )
     for row in result["outputs"]:
         assert row["probs_max_diff"] < 1e-5, row
+    assert result["targets"] == []  # quick sizes have no target cells
     assert result["meta"]["seconds"] < 300

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["Contender", "CONTENDERS", "REFERENCE"]
+__all__ = ["Contender", "CONTENDERS", "REFERENCE", "contender"]
 
 
 @dataclass(frozen=True)
@@ -53,11 +53,18 @@ def _ours(structure: str, **kwargs: Any) -> Callable[[nn.Module], Any]:
     return build
 
 
-def _ours_ef(**kwargs: Any) -> Callable[[nn.Module], Any]:
+def _ours_backend(
+    backend: str, backend_kwargs: dict | None = None, **kwargs: Any
+) -> Callable[[nn.Module], Any]:
     def build(model: nn.Module) -> Any:
-        from laplace_lora_backend import LoRAEF
+        import laplace_lora_backend
 
-        return _ours("kron", backend=LoRAEF, **kwargs)(model)
+        return _ours(
+            "kron",
+            backend=getattr(laplace_lora_backend, backend),
+            backend_kwargs=backend_kwargs,
+            **kwargs,
+        )(model)
 
     return build
 
@@ -76,7 +83,12 @@ def _upstream(structure: str, backend: str) -> Callable[[nn.Module], Any]:
 CONTENDERS: list[Contender] = [
     Contender("ours kron dense", "kron", _ours("kron", lowrank_threshold=None), True),
     Contender("ours kron low-rank", "kron", _ours("kron"), True),
-    Contender("ours kron EF", "kron", _ours_ef(lowrank_threshold=None), True),
+    Contender(
+        "ours kron EF", "kron", _ours_backend("LoRAEF", lowrank_threshold=None), True
+    ),
+    Contender(
+        "ours kron MC", "kron", _ours_backend("LoRAGGN", {"stochastic": True}), True
+    ),
     Contender("ours diag", "diag", _ours("diag"), True),
 ]
 for _structure in ("kron", "diag"):
@@ -110,3 +122,13 @@ REFERENCE: dict[str, str] = {
     "laplace-torch diag AsdlGGN": "ours diag",
     "laplace-torch diag BackPackGGN": "ours diag",
 }
+
+
+def contender(name: str) -> Contender:
+    """The contender called `name`."""
+    for c in CONTENDERS:
+        if c.name == name:
+            return c
+    raise ValueError(
+        f"Unknown contender {name!r}; choose from {[c.name for c in CONTENDERS]}."
+    )

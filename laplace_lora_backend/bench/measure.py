@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import statistics
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,6 +16,7 @@ import torch
 __all__ = [
     "sync",
     "timed",
+    "Timing",
     "timed_ratio",
     "rss_bytes",
     "peak_rss_bytes",
@@ -43,22 +46,60 @@ def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
     return out
 
 
-def timed_ratio(
-    fn: Callable[[], Any], base: Callable[[], Any], repeats: int
-) -> tuple[float, float]:
-    """Median seconds of `fn` and median ratio to `base`.
+@dataclass(frozen=True)
+class Timing:
+    """Result of `timed_ratio`.
 
-    The two alternate in every repeat (after one warm-up each), so that
-    machine drift cancels in the ratio.
+    Attributes
+    ----------
+    seconds : float
+        Median seconds of the measured function.
+    ratio : float
+        Median of the per-repeat ratios to the baseline.
+    base_seconds : float
+        Median seconds of the baseline.
+    runs : int
+        Timed runs after the warm-up; 0 when the warm-up alone used the time
+        budget (its time is then reported).
     """
-    fn(), base()
-    times, ratios = [], []
-    for _ in range(repeats):
+
+    seconds: float
+    ratio: float
+    base_seconds: float
+    runs: int
+
+
+def timed_ratio(
+    fn: Callable[[], Any],
+    base: Callable[[], Any],
+    repeats: int,
+    budget_s: float = math.inf,
+) -> Timing:
+    """Median seconds of `fn` and its median ratio to `base`.
+
+    After one warm-up of each, the two alternate in every repeat, so that
+    machine drift cancels in the ratio. Fewer than `repeats` runs are made
+    when the timed warm-up of `fn` says they would exceed `budget_s`.
+    """
+    base()
+    (first,) = timed(fn, 1, warmup=0)
+    runs = max(0, min(repeats, int(budget_s // first) - 1))
+    if runs == 0:
+        (tb,) = timed(base, 1, warmup=0)
+        return Timing(first, first / tb, tb, 0)
+    times, bases, ratios = [], [], []
+    for _ in range(runs):
         (tb,) = timed(base, 1, warmup=0)
         (tf,) = timed(fn, 1, warmup=0)
         times.append(tf)
+        bases.append(tb)
         ratios.append(tf / tb)
-    return statistics.median(times), statistics.median(ratios)
+    return Timing(
+        statistics.median(times),
+        statistics.median(ratios),
+        statistics.median(bases),
+        runs,
+    )
 
 
 def rss_bytes() -> int:

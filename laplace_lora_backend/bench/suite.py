@@ -39,14 +39,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from laplace_lora_backend.bench.contenders import CONTENDERS, REFERENCE
+from laplace_lora_backend.bench.contenders import CONTENDERS, REFERENCE, contender
 from laplace_lora_backend.bench.measure import (
     PeakMemory,
     error_message,
     peak_rss_bytes,
     rss_bytes,
     run_limited,
-    timed,
     timed_ratio,
 )
 from laplace_lora_backend.bench.workloads import (
@@ -85,51 +84,58 @@ def _forward(wl: Workload) -> None:
 
 
 # ------------------------------------------------------------------ models
-def model_cell(wl: Workload, contender, repeats: int, limit_s: float) -> dict:
-    """Every measurement of one contender on one workload."""
-    cell: dict[str, Any] = {"contender": contender.name}
+def model_cell(make, name: str, repeats: int, limit_s: float) -> dict:
+    """Every measurement of one contender on one workload.
+
+    Runs in a fresh child process in full mode (so peak memory is this
+    cell's). Each stage (fit, marglik, predictive) times a warm-up and up to
+    `repeats` runs within `limit_s`; a stage that fails is reported with its
+    error and the stages before it are kept.
+    """
+    cell: dict[str, Any] = {"contender": name}
+    wl = make()
+    stage = "error"  # building or fitting failed: the whole cell is refused
     try:
-        la = contender.build(wl.model)
+        la = contender(name).build(wl.model)
         loader = Loader(wl.train)
-        t0 = time.perf_counter()
-        la.fit(loader)  # warm-up (and the limit check)
-        first = time.perf_counter() - t0
-        if first > limit_s:
-            cell.update(fit_s=first, note=f"1 run: over the {limit_s:.0f} s limit")
-            n_rep = 0
-        else:
-            n_rep = repeats
-            cell["fit_s"], cell["fit_x"] = timed_ratio(
-                lambda: la.fit(loader), lambda: _fwd_bwd(wl), repeats
-            )
-        with PeakMemory() as mem:
-            la.fit(loader)
+        with PeakMemory() as base_mem:
+            _fwd_bwd(wl)
+        with PeakMemory() as fit_mem:
+            la.fit(loader)  # first fit: memory, and the refusal check
+        fit = timed_ratio(
+            lambda: la.fit(loader), lambda: _fwd_bwd(wl), repeats, limit_s
+        )
         cell.update(
-            peak_rss_mib=mem.rss_bytes / MIB,
-            peak_cuda_mib=mem.cuda_bytes / MIB,
+            runs=fit.runs,
+            fit_s=fit.seconds,
+            fit_x=fit.ratio,
+            fwd_bwd_s=fit.base_seconds,
+            fwd_bwd_rss_mib=base_mem.rss_bytes / MIB,
+            fit_rss_mib=fit_mem.rss_bytes / MIB,
+            fit_cuda_mib=fit_mem.cuda_bytes / MIB,
+            fwd_bwd_cuda_mib=base_mem.cuda_bytes / MIB,
             factor_mib=_factor_bytes(la) / MIB,
         )
+        stage = "marglik_error"
 
         def tune():
             la.prior_precision = 1.0
             la.optimize_prior_precision(method="marglik", n_steps=20)
 
-        cell["marglik_s"] = statistics.median(timed(tune, max(n_rep, 1), warmup=0))
+        tuned = timed_ratio(tune, lambda: _fwd_bwd(wl), repeats, limit_s)
+        cell.update(marglik_s=tuned.seconds, marglik_x=tuned.ratio)
         la.prior_precision = 1.0
+        cell["lml"] = la.log_marginal_likelihood().item()
+        stage = "predict_error"
 
         def predict():
             return la(wl.test, pred_type="glm", link_approx="probit")
 
-        if n_rep:
-            cell["predict_s"], cell["predict_x"] = timed_ratio(
-                predict, lambda: _forward(wl), repeats
-            )
-        else:
-            cell["predict_s"] = statistics.median(timed(predict, 1, warmup=0))
-        cell["lml"] = la.log_marginal_likelihood().item()
-        cell["probs"] = predict().detach().double()
+        pred = timed_ratio(predict, lambda: _forward(wl), repeats, limit_s)
+        cell.update(predict_s=pred.seconds, predict_x=pred.ratio)
+        cell["probs"] = predict().detach().double().cpu().tolist()
     except Exception as exc:  # refused or failed: reported, not dropped
-        cell["error"] = error_message(exc)
+        cell[stage] = error_message(exc)
     return cell
 
 
@@ -137,66 +143,68 @@ def _agreement(cells: list[dict]) -> None:
     by_name = {c["contender"]: c for c in cells}
     for c in cells:
         ref = by_name.get(REFERENCE.get(c["contender"], ""))
-        if ref is None or "lml" not in c or "lml" not in ref:
+        if ref is None:
             continue
-        c["agree_with"] = ref["contender"]
-        c["lml_rel_diff"] = abs(c["lml"] - ref["lml"]) / abs(ref["lml"])
-        c["probs_max_diff"] = (c["probs"] - ref["probs"]).abs().max().item()
+        if "lml" in c and "lml" in ref:
+            c["agree_with"] = ref["contender"]
+            c["lml_rel_diff"] = abs(c["lml"] - ref["lml"]) / abs(ref["lml"])
+        if "probs" in c and "probs" in ref:
+            diff = torch.tensor(c["probs"]) - torch.tensor(ref["probs"])
+            c["probs_max_diff"] = diff.abs().max().item()
     for c in cells:
         c.pop("probs", None)
 
 
 def section_models(
-    workloads: list, repeats: int, limit_s: float, memory_in_child: bool
+    workloads: list, repeats: int, limit_s: float, mem_gib: float, isolate: bool
 ) -> list[dict]:
     """Every contender on every workload.
 
-    With `memory_in_child`, each cell's fit memory is also measured in a
-    fresh child process (`fit_peak_rss_mib`); the in-process sampled value
-    (`peak_rss_mib`) is affected by memory freed by earlier cells.
+    With `isolate`, each cell runs in a fresh child process (peak memory is
+    then the cell's own; time limit: 4 stages of `limit_s`; address space
+    `mem_gib`). Otherwise in this process (the quick smoke test).
     """
     out = []
     for make in workloads:
         wl = make()
+        name, meta = wl.name, wl.meta
+        del wl
         cells = []
-        for contender in tqdm(CONTENDERS, desc=wl.name[:40]):
-            cell = model_cell(wl, contender, repeats, limit_s)
-            if memory_in_child and "error" not in cell:
-                cell.update(
-                    run_limited(fit_memory_cell, (make, contender.name), limit_s)
-                )
+        for c in tqdm(CONTENDERS, desc=name[:40]):
+            args = (make, c.name, repeats, limit_s)
+            if isolate:
+                cell = run_limited(model_cell, args, 4 * limit_s, _gib(mem_gib))
+                cell.setdefault("contender", c.name)
+            else:
+                cell = model_cell(*args)
             cells.append(cell)
         _agreement(cells)
-        out.append({"workload": wl.name, "meta": wl.meta, "cells": cells})
-        del wl
+        out.append({"workload": name, "meta": meta, "cells": cells})
     return out
 
 
+def _gib(g: float) -> int:
+    return int(g * 2**30)
+
+
 # ------------------------------------------------------------------ widths
-def fit_memory_cell(make, contender_name: str) -> dict:
-    """Peak RSS added by one fit, in a fresh child process.
+def width_cell(name: str, d: int, repeats: int, limit_s: float) -> dict:
+    """One width-sweep cell (runs in a child process).
 
-    The model and data are built first; the result is the process's peak RSS
-    after the fit minus its RSS before it.
+    Fit time includes the eigendecomposition (laplace-torch's
+    `KronLaplace.fit` decomposes too) and its ratio to a plain
+    forward+backward pass; peak RSS is the process's peak minus its RSS
+    before the first fit.
     """
-    contender = next(c for c in CONTENDERS if c.name == contender_name)
-    wl = make()
-    la = contender.build(wl.model)
-    before = rss_bytes()
-    la.fit(Loader(wl.train))
-    return {"fit_peak_rss_mib": (peak_rss_bytes() - before) / MIB}
-
-
-def width_cell(contender_name: str, d: int, repeats: int) -> dict:
-    """One width-sweep cell (runs in a child process)."""
-    contender = next(c for c in CONTENDERS if c.name == contender_name)
     wl = wide_layer(d)
-    la = contender.build(wl.model)
+    la = contender(name).build(wl.model)
     loader = Loader(wl.train)
     before = rss_bytes()
-    times = timed(lambda: la.fit(loader), repeats)
+    fit = timed_ratio(lambda: la.fit(loader), lambda: _fwd_bwd(wl), repeats, limit_s)
     return {
-        "fit_s": statistics.median(times),
+        "runs": fit.runs,
+        "fit_s": fit.seconds,
+        "fit_x": fit.ratio,
         "factor_mib": _factor_bytes(la) / MIB,
         "peak_rss_mib": (peak_rss_bytes() - before) / MIB,
     }
@@ -206,24 +214,52 @@ WIDTH_CONTENDERS = [
     "ours kron low-rank",
     "ours kron dense",
     "laplace-torch kron CurvlinopsGGN",
+    "laplace-torch kron CurvlinopsEF",
+    "laplace-torch kron AsdlGGN",
+    "laplace-torch kron AsdlEF",
 ]
 
 
 def section_widths(
-    widths: list[int], repeats: int, limit_s: float, mem_gib: float
+    widths: list[int],
+    repeats: int,
+    limit_s: float,
+    mem_gib: float,
+    names: list[str] = WIDTH_CONTENDERS,
 ) -> list[dict]:
-    rows = []
-    cells = [(d, name) for d in widths for name in WIDTH_CONTENDERS]
+    """Fit of one LoRA layer per width, each cell in a limited child process.
+
+    A dense cell is not run when its factor and eigenvectors would not fit in
+    `mem_gib`, or when the cubic `eigh` cost extrapolated from the previous
+    width exceeds twice the time limit; the reason is reported.
+    """
+    rows: list[dict] = []
+    last: dict[str, dict] = {}
+    cells = [(d, name) for d in widths for name in names]
     for d, name in tqdm(cells, desc="width sweep"):
+        prev = last.get(name)
         dense = name != "ours kron low-rank"
         need_gib = 4 * d * d * 4 / 2**30  # factor, eigenvectors, 2 temporaries
-        if dense and need_gib > mem_gib:
-            res = {"error": f"needs ~{need_gib:.0f} GiB > the {mem_gib:g} GiB limit"}
+        if prev is not None and "error" in prev:
+            res = {"error": f"not run: failed at width {prev['width']}"}
+        elif dense and need_gib > mem_gib:
+            res = {"error": f"not run: needs ~{need_gib:.0f} GiB > {mem_gib:g} GiB"}
+        elif (
+            dense
+            and prev is not None
+            and (guess := prev["fit_s"] * (d / prev["width"]) ** 3) > 2 * limit_s
+        ):
+            res = {
+                "error": f"not run: ~{guess:.0f} s predicted (cubic in width, "
+                f"from {prev['width']}) > 2 x the {limit_s:.0f} s limit"
+            }
         else:
             res = run_limited(
-                width_cell, (name, d, repeats), limit_s, int(mem_gib * 2**30) + 2**31
+                width_cell, (name, d, repeats, limit_s), 2 * limit_s, _gib(mem_gib + 2)
             )
-        rows.append({"width": d, "contender": name, **res})
+        row = {"width": d, "contender": name, **res}
+        rows.append(row)
+        last[name] = row
     return rows
 
 
@@ -241,7 +277,7 @@ def _fitted_many_outputs(C: int):
     return wl, la
 
 
-def upstream_predict_cell(C: int, repeats: int) -> dict:
+def upstream_predict_cell(C: int, repeats: int, limit_s: float) -> dict:
     """laplace-torch's GLM predictive on our posterior (child process)."""
     from laplace import KronLaplace
     from laplace.curvature import CurvlinopsGGN
@@ -252,18 +288,23 @@ def upstream_predict_cell(C: int, repeats: int) -> dict:
     ref.n_outputs = C
     ref.H_facs, ref.H = ours.H_facs, ours.H
     ref.prior_precision = ours.prior_precision
-    times = timed(lambda: ref(wl.test, link_approx="probit"), repeats)
-    probs = ref(wl.test, link_approx="probit").double()
+
+    def predict():
+        return ref(wl.test, link_approx="probit")
+
+    t = timed_ratio(predict, lambda: _forward(wl), repeats, limit_s)
     return {
-        "predict_s": statistics.median(times),
-        "peak_rss_mib": peak_rss_bytes() / MIB,
-        "probs": probs.tolist(),
+        "predict_s": t.seconds,
+        "predict_x": t.ratio,
+        "runs": t.runs,
+        "probs": predict().double().tolist(),
     }
 
 
 def section_outputs(
     classes: list[int], repeats: int, limit_s: float, mem_gib: float
 ) -> list[dict]:
+    """GLM predictive vs outputs: ours here, laplace-torch in a limited child."""
     rows = []
     for C in tqdm(classes, desc="outputs sweep"):
         wl, la = _fitted_many_outputs(C)
@@ -271,10 +312,10 @@ def section_outputs(
         def predict(la=la, wl=wl):
             return la(wl.test, link_approx="probit")
 
-        t, ratio = timed_ratio(predict, lambda wl=wl: _forward(wl), repeats)
-        row = {"C": C, "ours_s": t, "ours_x_forward": ratio}
+        t = timed_ratio(predict, lambda wl=wl: _forward(wl), repeats, limit_s)
+        row = {"C": C, "ours_s": t.seconds, "ours_x_forward": t.ratio}
         ref = run_limited(
-            upstream_predict_cell, (C, repeats), limit_s, int(mem_gib * 2**30)
+            upstream_predict_cell, (C, repeats, limit_s), 2 * limit_s, _gib(mem_gib)
         )
         if "error" in ref:
             row["laplace_torch_error"] = ref["error"]
@@ -282,7 +323,8 @@ def section_outputs(
             p_ref = torch.tensor(ref["probs"], dtype=torch.float64)
             row.update(
                 laplace_torch_s=ref["predict_s"],
-                speedup=ref["predict_s"] / t,
+                laplace_torch_x_forward=ref["predict_x"],
+                speedup=ref["predict_s"] / t.seconds,
                 probs_max_diff=(predict().double() - p_ref).abs().max().item(),
             )
         rows.append(row)
@@ -300,104 +342,256 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
-def rss_key(cell: dict) -> str:
-    """Child-process fit memory where measured, else the in-process sample."""
-    return "fit_peak_rss_mib" if "fit_peak_rss_mib" in cell else "peak_rss_mib"
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    align = ["---"] + ["---:"] * (len(header) - 1)
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    out += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return out
+
+
+MODEL_COLUMNS = {
+    "runs": "runs",
+    "fit_s": "fit (s)",
+    "fit_x": "fit / fwd+bwd",
+    "fit_rss_mib": "fit peak RSS (MiB)",
+    "fit_rss_x": "RSS / fwd+bwd",
+    "factor_mib": "factors (MiB)",
+    "marglik_s": "marglik (s)",
+    "marglik_x": "marglik / fwd+bwd",
+    "predict_s": "predict (s/batch)",
+    "predict_x": "predict / fwd",
+    "lml_rel_diff": "lml rel. diff",
+    "probs_max_diff": "probs max diff",
+}
+
+
+def _model_rows(cells: list[dict], cuda: bool) -> list[list[Any]]:
+    rows = []
+    for c in cells:
+        if "error" in c:
+            rows.append(
+                [c["contender"], c["error"]] + [""] * (len(MODEL_COLUMNS) + cuda)
+            )
+            continue
+        c = dict(c)
+        if c.get("fwd_bwd_rss_mib"):
+            c["fit_rss_x"] = c["fit_rss_mib"] / c["fwd_bwd_rss_mib"]
+        notes = "; ".join(
+            f"{k.split('_')[0]}: {c[k]}"
+            for k in ("marglik_error", "predict_error")
+            if k in c
+        )
+        if c.get("runs") == 0:
+            notes = "; ".join(filter(None, ["1 run (over the time budget)", notes]))
+        row = [c["contender"]] + [c.get(k) for k in MODEL_COLUMNS]
+        if cuda:
+            row.append(c.get("fit_cuda_mib"))
+        rows.append(row + [notes or ""])
+    return rows
+
+
+def _median_of(cells: list[dict], key: str) -> float | None:
+    vals = [c[key] for c in cells if key in c]
+    return statistics.median(vals) if vals else None
+
+
+def targets(result: dict) -> list[dict]:
+    """The issue's acceptance targets, evaluated on `result`.
+
+    Returns
+    -------
+    list of dict
+        ``{"target", "measured", "met"}`` (``met`` is None where the section
+        or cell needed was not run).
+    """
+    out = []
+    for wl in result.get("models", []):
+        if not wl["workload"].startswith("SmolLM2"):
+            continue
+        for name in ("ours kron EF", "ours kron MC"):
+            c = next((c for c in wl["cells"] if c["contender"] == name), {})
+            x = c.get("fit_x")
+            out.append(
+                {
+                    "target": f"{name} fit <= 1.1x a forward+backward (SmolLM2)",
+                    "measured": f"{x:.2f}x" if x else c.get("error", "not run"),
+                    "met": None if x is None else x <= 1.1,
+                }
+            )
+    at = {r["contender"]: r for r in result.get("widths", []) if r["width"] == 4096}
+    ours = at.get("ours kron low-rank", {})
+    theirs = [
+        r for n, r in at.items() if n.startswith("laplace-torch") and "fit_s" in r
+    ]
+    if "fit_s" in ours and theirs:
+        fastest = min(theirs, key=lambda r: r["fit_s"])
+        smallest = min(theirs, key=lambda r: r["factor_mib"])
+        speed = fastest["fit_s"] / ours["fit_s"]
+        size = smallest["factor_mib"] / ours["factor_mib"]
+        out += [
+            {
+                "target": ">= 10x faster fit than the fastest laplace-torch "
+                "backend at width 4096",
+                "measured": f"{speed:.1f}x (vs {fastest['contender']})",
+                "met": speed >= 10,
+            },
+            {
+                "target": ">= 100x smaller factors than laplace-torch at width 4096",
+                "measured": f"{size:.0f}x",
+                "met": size >= 100,
+            },
+        ]
+    row = next((r for r in result.get("outputs", []) if r["C"] == 1000), None)
+    if row is not None:
+        if "speedup" in row:
+            measured, met = f"{row['speedup']:.0f}x", row["speedup"] >= 50
+        else:  # laplace-torch did not finish: a lower bound from the limit
+            limit = float(result["meta"]["per-cell limit (s)"])
+            bound = limit / row["ours_s"]
+            measured = f"> {bound:.0f}x (laplace-torch: {row['laplace_torch_error']})"
+            met = bound >= 50
+        out.append(
+            {
+                "target": ">= 50x faster GLM predictive at C = 1000",
+                "measured": measured,
+                "met": met,
+            }
+        )
+    return out
 
 
 def to_markdown(result: dict) -> str:
+    """The result as Markdown tables (the JSON holds every number)."""
     lines = [f"# laplace-lora bench ({result['meta']['mode']})", ""]
     lines += [f"- {k}: {v}" for k, v in result["meta"].items()]
+    if result.get("targets"):
+        lines += ["", "## Targets", ""]
+        lines += _table(
+            ["target", "measured", "met"],
+            [
+                [
+                    t["target"],
+                    t["measured"],
+                    {True: "yes", False: "**no**"}.get(t["met"], "-"),
+                ]
+                for t in result["targets"]
+            ],
+        )
     for wl in result.get("models", []):
+        cells = wl["cells"]
+        cuda = any(c.get("fit_cuda_mib") for c in cells)
         lines += [
             "",
             f"## {wl['workload']}",
             "",
-            "| contender | fit (s) | fit / fwd+bwd | fit peak RSS (MiB) "
-            "| factors (MiB) | marglik (s) | predict (s/batch) | predict / fwd "
-            "| lml rel. diff | probs max diff |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for c in wl["cells"]:
-            if "error" in c:
-                lines.append(f"| {c['contender']} | {c['error']} |||||||||")
-                continue
-            lines.append(
-                "| "
-                + " | ".join(
-                    [c["contender"]]
-                    + [
-                        _fmt(c.get(k))
-                        for k in (
-                            "fit_s",
-                            "fit_x",
-                            "fit_peak_rss_mib"
-                            if "fit_peak_rss_mib" in c
-                            else "peak_rss_mib",
-                            "factor_mib",
-                            "marglik_s",
-                            "predict_s",
-                            "predict_x",
-                            "lml_rel_diff",
-                            "probs_max_diff",
-                        )
-                    ]
-                )
-                + " |"
+            "Plain forward+backward over the training data: "
+            f"{_fmt(_median_of(cells, 'fwd_bwd_s'))} s, peak RSS "
+            f"{_fmt(_median_of(cells, 'fwd_bwd_rss_mib'))} MiB (medians over the "
+            + (
+                "cells; quick mode runs them in one process, so the memory "
+                "columns only show growth). "
+                if result["meta"]["mode"] == "quick"
+                else "cells, each measured in the cell's own process). "
             )
+            + "Times: median of "
+            "`runs` after a warm-up; ratios: median of per-run ratios to the "
+            "baseline timed alternately.",
+            "",
+        ]
+        header = ["contender"] + list(MODEL_COLUMNS.values())
+        header += ["fit peak CUDA (MiB)"] * cuda + ["notes"]
+        lines += _table(header, _model_rows(cells, cuda))
     if result.get("widths"):
         lines += [
             "",
             "## Width sweep (one LoRA layer; fresh process per cell)",
             "",
-            "| width | contender | fit (s) | factors (MiB) | fit peak RSS (MiB) |",
-            "|---:|---|---:|---:|---:|",
+            "Fit includes the eigendecomposition (laplace-torch's `KronLaplace.fit` "
+            "decomposes as well).",
+            "",
         ]
-        for r in result["widths"]:
-            if "error" in r:
-                lines.append(f"| {r['width']} | {r['contender']} | {r['error']} |||")
-            else:
-                lines.append(
-                    f"| {r['width']} | {r['contender']} | {_fmt(r['fit_s'])} | "
-                    f"{_fmt(r['factor_mib'])} | {_fmt(r['peak_rss_mib'])} |"
-                )
+        lines += _table(
+            [
+                "width",
+                "contender",
+                "runs",
+                "fit (s)",
+                "fit / fwd+bwd",
+                "factors (MiB)",
+                "fit peak RSS (MiB)",
+            ],
+            [
+                [r["width"], r["contender"], r["error"], "", "", "", ""]
+                if "error" in r
+                else [
+                    r["width"],
+                    r["contender"],
+                    r["runs"],
+                    r["fit_s"],
+                    r["fit_x"],
+                    r["factor_mib"],
+                    r["peak_rss_mib"],
+                ]
+                for r in result["widths"]
+            ],
+        )
     if result.get("outputs"):
         lines += [
             "",
             "## GLM predictive vs number of outputs C (same posterior)",
             "",
-            "| C | ours (s/batch) | ours / forward | laplace-torch (s/batch) "
-            "| speed-up | probs max diff |",
-            "|---:|---:|---:|---:|---:|---:|",
         ]
-        for r in result["outputs"]:
-            lt = r.get("laplace_torch_error") or _fmt(r.get("laplace_torch_s"))
-            lines.append(
-                f"| {r['C']} | {_fmt(r['ours_s'])} | {_fmt(r['ours_x_forward'])} | "
-                f"{lt} | {_fmt(r.get('speedup'))} | {_fmt(r.get('probs_max_diff'))} |"
-            )
+        lines += _table(
+            [
+                "C",
+                "ours (s/batch)",
+                "ours / forward",
+                "laplace-torch (s/batch)",
+                "laplace-torch / forward",
+                "speed-up",
+                "probs max diff",
+            ],
+            [
+                [
+                    r["C"],
+                    r["ours_s"],
+                    r["ours_x_forward"],
+                    r.get("laplace_torch_error") or r.get("laplace_torch_s"),
+                    r.get("laplace_torch_x_forward"),
+                    r.get("speedup"),
+                    r.get("probs_max_diff"),
+                ]
+                for r in result["outputs"]
+            ],
+        )
     return "\n".join(lines) + "\n"
 
 
 def plot_widths(rows: list[dict], path: Path) -> None:
+    """Fit time, factor storage and peak RSS vs width (log-log)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    panels = [
+        ("fit_s", "fit time (s)"),
+        ("factor_mib", "factor storage (MiB)"),
+        ("peak_rss_mib", "fit peak RSS (MiB)"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(14, 4))
     for name in WIDTH_CONTENDERS:
         ok = [r for r in rows if r["contender"] == name and "error" not in r]
         if not ok:
             continue
         ws = [r["width"] for r in ok]
-        axes[0].loglog(ws, [r["fit_s"] for r in ok], "o-", label=name)
-        axes[1].loglog(ws, [r["factor_mib"] for r in ok], "o-", label=name)
-    axes[0].set(xlabel="LoRA layer width", ylabel="fit time (s)")
-    axes[1].set(xlabel="LoRA layer width", ylabel="factor storage (MiB)")
-    for ax in axes:
+        style = "o-" if name.startswith("ours") else "s--"
+        for ax, (key, _) in zip(axes, panels, strict=True):
+            ax.loglog(ws, [max(r[key], 1e-3) for r in ok], style, label=name)
+    for ax, (_, label) in zip(axes, panels, strict=True):
+        ax.set(xlabel="LoRA layer width", ylabel=label)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -413,6 +607,7 @@ def run_suite(
     limit_s: float = 600.0,
     mem_gib: float = 16.0,
     threads: int = 1,
+    command: str | None = None,
 ) -> dict:
     """Run the sections and write ``bench[_quick].{md,json}`` and the plot.
 
@@ -429,13 +624,17 @@ def run_suite(
     repeats : int, optional
         Timed runs per cell after a warm-up (default 3; quick: 2).
     limit_s : float
-        Per-cell time limit (child processes are killed; in-process cells
-        report a single run above it).
+        Time budget of each timed stage of a cell: after a timed warm-up, only
+        as many of the `repeats` runs as fit in it are made (0: the warm-up's
+        time is reported, with ``runs = 0``). Child processes are killed after
+        a multiple of it (the cell is then reported as over the limit).
     mem_gib : float
         Address-space limit of child processes; dense cells predicted to need
         more are reported instead of run.
     threads : int
         torch threads.
+    command : str, optional
+        The command line, recorded in the results.
     """
     torch.set_num_threads(threads)
     repeats = repeats or (2 if quick else 3)
@@ -447,9 +646,11 @@ def run_suite(
             partial(tiny_lm, "gpt2", **small),
         ]
         widths, classes, limit_s = [256, 1024], [2, 8], min(limit_s, 120.0)
+        width_names = WIDTH_CONTENDERS[:3]  # ours low-rank, dense; one upstream
     else:
         workloads = [partial(tiny_lm, "llama"), partial(tiny_lm, "gpt2")]
         widths, classes = [256, 1024, 4096, 16384, 65536], [2, 8, 100, 1000]
+        width_names = WIDTH_CONTENDERS
     if smollm2_workload:
         workloads.append(smollm2)
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
@@ -460,18 +661,22 @@ def run_suite(
             "torch": torch.__version__,
             "threads": threads,
             "repeats": repeats,
-            "per-cell limits": f"{limit_s:.0f} s, {mem_gib:g} GiB",
-            "command": "laplace-lora bench " + " ".join(sys.argv[2:]),
+            "per-cell limit (s)": limit_s,
+            "per-cell memory (GiB)": mem_gib,
+            "command": command or "laplace-lora bench " + " ".join(sys.argv[2:]),
         }
     }
     if "models" in sections:
         result["models"] = section_models(
-            workloads, repeats, limit_s, memory_in_child=not quick
+            workloads, repeats, limit_s, mem_gib, isolate=not quick
         )
     if "widths" in sections:
-        result["widths"] = section_widths(widths, repeats, limit_s, mem_gib)
+        result["widths"] = section_widths(
+            widths, repeats, limit_s, mem_gib, width_names
+        )
     if "outputs" in sections:
         result["outputs"] = section_outputs(classes, repeats, limit_s, mem_gib)
+    result["targets"] = targets(result)
     result["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
