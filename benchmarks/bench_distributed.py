@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import multiprocessing as mp
 import os
 import statistics
@@ -25,7 +26,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from common import write_results  # noqa: E402
 
 WORKLOAD = dict(hidden=256, layers=4, n=64, tokens=64, batch=8, rank=8)
 
@@ -180,7 +180,11 @@ def main() -> None:
         "torch": torch.__version__,
         "cores": os.cpu_count(),
     }
-    write_results(args.output, "distributed", payload, md)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "distributed.json").write_text(json.dumps(payload, indent=2))
+    (out / "distributed.md").write_text(md + "\n")
+    print(md)
 
 
 if __name__ == "__main__":

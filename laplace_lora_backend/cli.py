@@ -71,6 +71,9 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit-s", type=float, default=600.0, help="per cell")
     parser.add_argument("--mem-gib", type=float, default=16.0, help="per cell")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda (results get a _gpu suffix)"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
             limit_s=args.limit_s,
             mem_gib=args.mem_gib,
             threads=args.threads,
+            device=args.device,
             command="laplace-lora " + " ".join(sys.argv[1:] if argv is None else argv),
         )
 

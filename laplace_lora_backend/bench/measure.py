@@ -74,26 +74,29 @@ def timed_ratio(
     base: Callable[[], Any],
     repeats: int,
     budget_s: float = math.inf,
+    first_s: float | None = None,
 ) -> Timing:
     """Median seconds of `fn` and its median ratio to `base`.
 
     After one warm-up of each, the two alternate in every repeat, so that
     machine drift cancels in the ratio. Fewer than `repeats` runs are made
     when the timed warm-up of `fn` says they would exceed `budget_s`.
+    `first_s`: the time of a warm-up call the caller already made (then `fn`
+    is not warmed up again).
     """
     base()
-    (first,) = timed(fn, 1, warmup=0)
+    (first,) = timed(fn, 1, warmup=0) if first_s is None else (first_s,)
     runs = max(0, min(repeats, int(budget_s // first) - 1))
     if runs == 0:
         (tb,) = timed(base, 1, warmup=0)
-        return Timing(first, first / tb, tb, 0)
+        return Timing(first, first / tb if tb > 0 else math.inf, tb, 0)
     times, bases, ratios = [], [], []
     for _ in range(runs):
         (tb,) = timed(base, 1, warmup=0)
         (tf,) = timed(fn, 1, warmup=0)
         times.append(tf)
         bases.append(tb)
-        ratios.append(tf / tb)
+        ratios.append(tf / tb if tb > 0 else math.inf)
     return Timing(
         statistics.median(times),
         statistics.median(ratios),

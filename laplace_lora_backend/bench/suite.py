@@ -84,7 +84,9 @@ def _forward(wl: Workload) -> None:
 
 
 # ------------------------------------------------------------------ models
-def model_cell(make, name: str, repeats: int, limit_s: float) -> dict:
+def model_cell(
+    make, name: str, repeats: int, limit_s: float, device: str = "cpu"
+) -> dict:
     """Every measurement of one contender on one workload.
 
     Runs in a fresh child process in full mode (so peak memory is this
@@ -93,7 +95,7 @@ def model_cell(make, name: str, repeats: int, limit_s: float) -> dict:
     error and the stages before it are kept.
     """
     cell: dict[str, Any] = {"contender": name}
-    wl = make()
+    wl = make().to(device)
     stage = "error"  # building or fitting failed: the whole cell is refused
     try:
         la = contender(name).build(wl.model)
@@ -101,9 +103,11 @@ def model_cell(make, name: str, repeats: int, limit_s: float) -> dict:
         with PeakMemory() as base_mem:
             _fwd_bwd(wl)
         with PeakMemory() as fit_mem:
-            la.fit(loader)  # first fit: memory, and the refusal check
+            t0 = time.perf_counter()
+            la.fit(loader)  # warm-up: memory, refusal check, number of runs
+            first = time.perf_counter() - t0
         fit = timed_ratio(
-            lambda: la.fit(loader), lambda: _fwd_bwd(wl), repeats, limit_s
+            lambda: la.fit(loader), lambda: _fwd_bwd(wl), repeats, limit_s, first
         )
         cell.update(
             runs=fit.runs,
@@ -122,8 +126,9 @@ def model_cell(make, name: str, repeats: int, limit_s: float) -> dict:
             la.prior_precision = 1.0
             la.optimize_prior_precision(method="marglik", n_steps=20)
 
-        tuned = timed_ratio(tune, lambda: _fwd_bwd(wl), repeats, limit_s)
-        cell.update(marglik_s=tuned.seconds, marglik_x=tuned.ratio)
+        # prior tuning does not run the model: its ratio uses the fit's baseline
+        tuned = timed_ratio(tune, lambda: None, repeats, limit_s)
+        cell.update(marglik_s=tuned.seconds, marglik_x=tuned.seconds / fit.base_seconds)
         la.prior_precision = 1.0
         cell["lml"] = la.log_marginal_likelihood().item()
         stage = "predict_error"
@@ -156,7 +161,12 @@ def _agreement(cells: list[dict]) -> None:
 
 
 def section_models(
-    workloads: list, repeats: int, limit_s: float, mem_gib: float, isolate: bool
+    workloads: list,
+    repeats: int,
+    limit_s: float,
+    mem_gib: float,
+    isolate: bool,
+    device: str = "cpu",
 ) -> list[dict]:
     """Every contender on every workload.
 
@@ -171,9 +181,11 @@ def section_models(
         del wl
         cells = []
         for c in tqdm(CONTENDERS, desc=name[:40]):
-            args = (make, c.name, repeats, limit_s)
+            args = (make, c.name, repeats, limit_s, device)
             if isolate:
-                cell = run_limited(model_cell, args, 4 * limit_s, _gib(mem_gib))
+                cell = run_limited(
+                    model_cell, args, 4 * limit_s, _address_limit(mem_gib, device)
+                )
                 cell.setdefault("contender", c.name)
             else:
                 cell = model_cell(*args)
@@ -183,12 +195,15 @@ def section_models(
     return out
 
 
-def _gib(g: float) -> int:
-    return int(g * 2**30)
+def _address_limit(gib: float, device: str) -> int | None:
+    """Child address-space limit; none on CUDA (its driver maps far more)."""
+    return int(gib * 2**30) if torch.device(device).type == "cpu" else None
 
 
 # ------------------------------------------------------------------ widths
-def width_cell(name: str, d: int, repeats: int, limit_s: float) -> dict:
+def width_cell(
+    name: str, d: int, repeats: int, limit_s: float, device: str = "cpu"
+) -> dict:
     """One width-sweep cell (runs in a child process).
 
     Fit time includes the eigendecomposition (laplace-torch's
@@ -196,10 +211,13 @@ def width_cell(name: str, d: int, repeats: int, limit_s: float) -> dict:
     forward+backward pass; peak RSS is the process's peak minus its RSS
     before the first fit.
     """
-    wl = wide_layer(d)
+    wl = wide_layer(d).to(device)
     la = contender(name).build(wl.model)
     loader = Loader(wl.train)
     before = rss_bytes()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        cuda0 = torch.cuda.memory_allocated()
     fit = timed_ratio(lambda: la.fit(loader), lambda: _fwd_bwd(wl), repeats, limit_s)
     return {
         "runs": fit.runs,
@@ -207,6 +225,9 @@ def width_cell(name: str, d: int, repeats: int, limit_s: float) -> dict:
         "fit_x": fit.ratio,
         "factor_mib": _factor_bytes(la) / MIB,
         "peak_rss_mib": (peak_rss_bytes() - before) / MIB,
+        "peak_cuda_mib": (torch.cuda.max_memory_allocated() - cuda0) / MIB
+        if torch.cuda.is_available()
+        else 0.0,
     }
 
 
@@ -226,6 +247,7 @@ def section_widths(
     limit_s: float,
     mem_gib: float,
     names: list[str] = WIDTH_CONTENDERS,
+    device: str = "cpu",
 ) -> list[dict]:
     """Fit of one LoRA layer per width, each cell in a limited child process.
 
@@ -255,7 +277,10 @@ def section_widths(
             }
         else:
             res = run_limited(
-                width_cell, (name, d, repeats, limit_s), 2 * limit_s, _gib(mem_gib + 2)
+                width_cell,
+                (name, d, repeats, limit_s, device),
+                2 * limit_s,
+                _address_limit(mem_gib + 2, device),
             )
         row = {"width": d, "contender": name, **res}
         rows.append(row)
@@ -264,12 +289,12 @@ def section_widths(
 
 
 # ----------------------------------------------------------------- outputs
-def _fitted_many_outputs(C: int):
+def _fitted_many_outputs(C: int, device: str = "cpu"):
     from laplace import Laplace
 
     import laplace_lora_backend  # noqa: F401
 
-    wl = many_outputs(C)
+    wl = many_outputs(C).to(device)
     la = Laplace(
         wl.model, "classification", subset_of_weights="lora", hessian_structure="kron"
     )
@@ -277,12 +302,14 @@ def _fitted_many_outputs(C: int):
     return wl, la
 
 
-def upstream_predict_cell(C: int, repeats: int, limit_s: float) -> dict:
+def upstream_predict_cell(
+    C: int, repeats: int, limit_s: float, device: str = "cpu"
+) -> dict:
     """laplace-torch's GLM predictive on our posterior (child process)."""
     from laplace import KronLaplace
     from laplace.curvature import CurvlinopsGGN
 
-    wl, ours = _fitted_many_outputs(C)
+    wl, ours = _fitted_many_outputs(C, device)
     ref = KronLaplace(wl.model, "classification", backend=CurvlinopsGGN)
     ref.mean, ref.n_data, ref.loss = ours.mean, ours.n_data, ours.loss
     ref.n_outputs = C
@@ -297,17 +324,21 @@ def upstream_predict_cell(C: int, repeats: int, limit_s: float) -> dict:
         "predict_s": t.seconds,
         "predict_x": t.ratio,
         "runs": t.runs,
-        "probs": predict().double().tolist(),
+        "probs": predict().double().cpu().tolist(),
     }
 
 
 def section_outputs(
-    classes: list[int], repeats: int, limit_s: float, mem_gib: float
+    classes: list[int],
+    repeats: int,
+    limit_s: float,
+    mem_gib: float,
+    device: str = "cpu",
 ) -> list[dict]:
     """GLM predictive vs outputs: ours here, laplace-torch in a limited child."""
     rows = []
     for C in tqdm(classes, desc="outputs sweep"):
-        wl, la = _fitted_many_outputs(C)
+        wl, la = _fitted_many_outputs(C, device)
 
         def predict(la=la, wl=wl):
             return la(wl.test, link_approx="probit")
@@ -315,7 +346,10 @@ def section_outputs(
         t = timed_ratio(predict, lambda wl=wl: _forward(wl), repeats, limit_s)
         row = {"C": C, "ours_s": t.seconds, "ours_x_forward": t.ratio}
         ref = run_limited(
-            upstream_predict_cell, (C, repeats, limit_s), 2 * limit_s, _gib(mem_gib)
+            upstream_predict_cell,
+            (C, repeats, limit_s, device),
+            2 * limit_s,
+            _address_limit(mem_gib, device),
         )
         if "error" in ref:
             row["laplace_torch_error"] = ref["error"]
@@ -325,14 +359,15 @@ def section_outputs(
                 laplace_torch_s=ref["predict_s"],
                 laplace_torch_x_forward=ref["predict_x"],
                 speedup=ref["predict_s"] / t.seconds,
-                probs_max_diff=(predict().double() - p_ref).abs().max().item(),
+                probs_max_diff=(predict().double().cpu() - p_ref).abs().max().item(),
             )
         rows.append(row)
     return rows
 
 
 # ------------------------------------------------------------------ report
-def _fmt(v: Any, digits: int = 3) -> str:
+def fmt_number(v: Any, digits: int = 3) -> str:
+    """A table entry: floats to `digits` significant digits, None as "-"."""
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -342,10 +377,11 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+def md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    """Markdown table lines; the first column left-aligned, the rest right."""
     align = ["---"] + ["---:"] * (len(header) - 1)
     out = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
-    out += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    out += ["| " + " | ".join(fmt_number(v) for v in row) + " |" for row in rows]
     return out
 
 
@@ -466,7 +502,7 @@ def to_markdown(result: dict) -> str:
     lines += [f"- {k}: {v}" for k, v in result["meta"].items()]
     if result.get("targets"):
         lines += ["", "## Targets", ""]
-        lines += _table(
+        lines += md_table(
             ["target", "measured", "met"],
             [
                 [
@@ -485,8 +521,8 @@ def to_markdown(result: dict) -> str:
             f"## {wl['workload']}",
             "",
             "Plain forward+backward over the training data: "
-            f"{_fmt(_median_of(cells, 'fwd_bwd_s'))} s, peak RSS "
-            f"{_fmt(_median_of(cells, 'fwd_bwd_rss_mib'))} MiB (medians over the "
+            f"{fmt_number(_median_of(cells, 'fwd_bwd_s'))} s, peak RSS "
+            f"{fmt_number(_median_of(cells, 'fwd_bwd_rss_mib'))} MiB (medians over the "
             + (
                 "cells; quick mode runs them in one process, so the memory "
                 "columns only show growth). "
@@ -500,8 +536,10 @@ def to_markdown(result: dict) -> str:
         ]
         header = ["contender"] + list(MODEL_COLUMNS.values())
         header += ["fit peak CUDA (MiB)"] * cuda + ["notes"]
-        lines += _table(header, _model_rows(cells, cuda))
+        lines += md_table(header, _model_rows(cells, cuda))
     if result.get("widths"):
+        rows = result["widths"]
+        cuda = any(r.get("peak_cuda_mib") for r in rows)
         lines += [
             "",
             "## Width sweep (one LoRA layer; fresh process per cell)",
@@ -510,29 +548,20 @@ def to_markdown(result: dict) -> str:
             "decomposes as well).",
             "",
         ]
-        lines += _table(
+        keys = ["runs", "fit_s", "fit_x", "factor_mib", "peak_rss_mib"]
+        keys += ["peak_cuda_mib"] * cuda
+        lines += md_table(
+            ["width", "contender", "runs", "fit (s)", "fit / fwd+bwd"]
+            + ["factors (MiB)", "fit peak RSS (MiB)"]
+            + ["fit peak CUDA (MiB)"] * cuda,
             [
-                "width",
-                "contender",
-                "runs",
-                "fit (s)",
-                "fit / fwd+bwd",
-                "factors (MiB)",
-                "fit peak RSS (MiB)",
-            ],
-            [
-                [r["width"], r["contender"], r["error"], "", "", "", ""]
-                if "error" in r
-                else [
-                    r["width"],
-                    r["contender"],
-                    r["runs"],
-                    r["fit_s"],
-                    r["fit_x"],
-                    r["factor_mib"],
-                    r["peak_rss_mib"],
-                ]
-                for r in result["widths"]
+                [r["width"], r["contender"]]
+                + (
+                    [r["error"]] + [""] * (len(keys) - 1)
+                    if "error" in r
+                    else [r[k] for k in keys]
+                )
+                for r in rows
             ],
         )
     if result.get("outputs"):
@@ -541,7 +570,7 @@ def to_markdown(result: dict) -> str:
             "## GLM predictive vs number of outputs C (same posterior)",
             "",
         ]
-        lines += _table(
+        lines += md_table(
             [
                 "C",
                 "ours (s/batch)",
@@ -608,8 +637,9 @@ def run_suite(
     mem_gib: float = 16.0,
     threads: int = 1,
     command: str | None = None,
+    device: str = "cpu",
 ) -> dict:
-    """Run the sections and write ``bench[_quick].{md,json}`` and the plot.
+    """Run the sections; write ``bench[_quick][_gpu].{md,json}`` and the plot.
 
     Parameters
     ----------
@@ -635,7 +665,13 @@ def run_suite(
         torch threads.
     command : str, optional
         The command line, recorded in the results.
+    device : str
+        Where models and data live (``"cpu"``, ``"cuda"``); on CUDA, peak
+        memory is also reported as torch's peak allocation, and child
+        processes get no address-space limit.
     """
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but torch sees no CUDA device.")
     torch.set_num_threads(threads)
     repeats = repeats or (2 if quick else 3)
     t0 = time.perf_counter()
@@ -653,12 +689,17 @@ def run_suite(
         width_names = WIDTH_CONTENDERS
     if smollm2_workload:
         workloads.append(smollm2)
-    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    gpu = (
+        f", {torch.cuda.get_device_name()}"
+        if torch.device(device).type == "cuda"
+        else ""
+    )
     result: dict[str, Any] = {
         "meta": {
             "mode": "quick" if quick else "full",
             "machine": f"{platform.machine()}, {os.cpu_count()} cores{gpu}",
             "torch": torch.__version__,
+            "device": device,
             "threads": threads,
             "repeats": repeats,
             "per-cell limit (s)": limit_s,
@@ -668,19 +709,21 @@ def run_suite(
     }
     if "models" in sections:
         result["models"] = section_models(
-            workloads, repeats, limit_s, mem_gib, isolate=not quick
+            workloads, repeats, limit_s, mem_gib, isolate=not quick, device=device
         )
     if "widths" in sections:
         result["widths"] = section_widths(
-            widths, repeats, limit_s, mem_gib, width_names
+            widths, repeats, limit_s, mem_gib, width_names, device
         )
     if "outputs" in sections:
-        result["outputs"] = section_outputs(classes, repeats, limit_s, mem_gib)
+        result["outputs"] = section_outputs(classes, repeats, limit_s, mem_gib, device)
     result["targets"] = targets(result)
     result["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    name = "bench_quick" if quick else "bench"
+    name = ("bench_quick" if quick else "bench") + (
+        "_gpu" if torch.device(device).type == "cuda" else ""
+    )
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     (out / f"{name}.md").write_text(to_markdown(result))
     if result.get("widths"):

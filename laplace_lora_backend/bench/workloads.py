@@ -41,6 +41,13 @@ class Workload:
     test: Batch
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def to(self, device: str | torch.device) -> Workload:
+        """Move the model and every batch to `device` (in place); returns self."""
+        self.model.to(device)
+        self.train = [{k: v.to(device) for k, v in b.items()} for b in self.train]
+        self.test = {k: v.to(device) for k, v in self.test.items()}
+        return self
+
 
 class Loader(list):
     """Batches with the `.dataset` length laplace-torch reads."""
