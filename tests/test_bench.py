@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from laplace_lora_backend.cli import main
 
@@ -133,3 +134,18 @@ def test_predictive_target_is_a_lower_bound_when_laplace_torch_times_out():
     ]
     # laplace-torch ran > 240 s for one call; ours 0.2 s: at least 1200x
     assert c1000["measured"].startswith("> 1200x") and c1000["met"] is True
+
+
+def test_readme_benchmark_block_is_rendered_from_the_committed_json():
+    from laplace_lora_backend.bench.readme import BEGIN, END, render
+
+    root = Path(__file__).resolve().parents[1]
+    result = json.loads((root / "benchmarks/results/bench.json").read_text())
+    readme = (root / "README.md").read_text()
+    assert BEGIN in readme and END in readme
+    block = readme.split(BEGIN, 1)[1].split(END, 1)[0]
+    assert block.strip() == render(result).strip(), (
+        "README benchmark block differs from benchmarks/results/bench.json; "
+        "rewrite it with `python -m laplace_lora_backend.bench.readme`."
+    )
+    assert result["meta"]["mode"] == "full" and result["targets"]

@@ -23,7 +23,14 @@ END = "<!-- bench:end -->"
 _MET = {True: "yes", False: "**no**", None: "-"}
 
 
-def _models(wl: dict) -> list[str]:
+def _predict(c: dict, mem_gib: float) -> object:
+    err = c.get("predict_error", "")
+    if "allocate memory" in err:
+        return f"out of memory ({mem_gib:g} GiB limit)"
+    return c.get("predict_x") if not err else "failed: " + err[:60]
+
+
+def _models(wl: dict, mem_gib: float) -> list[str]:
     rows = []
     for c in wl["cells"]:
         if "error" in c:
@@ -34,7 +41,7 @@ def _models(wl: dict) -> list[str]:
                 c["contender"],
                 c.get("fit_x"),
                 c.get("factor_mib"),
-                c.get("predict_x"),
+                _predict(c, mem_gib),
                 c.get("lml_rel_diff"),
             ]
         )
@@ -44,7 +51,7 @@ def _models(wl: dict) -> list[str]:
             "fit / fwd+bwd",
             "factors (MiB)",
             "predict / fwd",
-            "lml rel. diff",
+            "lml rel. diff vs ours dense (EF rows: vs ours EF)",
         ],
         rows,
     )
@@ -68,7 +75,8 @@ def render(result: dict, json_path: str = "benchmarks/results/bench.json") -> st
         if wl["workload"].startswith("SmolLM2"):
             lines += ["", f"**{wl['workload']}** (Kronecker contenders):", ""]
             lines += _models(
-                {"cells": [c for c in wl["cells"] if " diag" not in c["contender"]]}
+                {"cells": [c for c in wl["cells"] if " diag" not in c["contender"]]},
+                meta["per-cell memory (GiB)"],
             )
     at = [r for r in result.get("widths", []) if r["width"] == 4096]
     if at:
