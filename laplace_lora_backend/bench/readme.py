@@ -34,7 +34,8 @@ def _models(wl: dict, mem_gib: float) -> list[str]:
     rows = []
     for c in wl["cells"]:
         if "error" in c:
-            rows.append([c["contender"], "refused: " + c["error"][:60], "", "", ""])
+            how = "refused" if c["error"].startswith("ValueError") else "failed"
+            rows.append([c["contender"], f"{how}: {c['error'][:60]}", "", "", ""])
             continue
         rows.append(
             [
