@@ -135,16 +135,24 @@ class PeakMemory:
     cuda_bytes : int
         Peak CUDA allocation during the block minus the allocation at its
         start (0 on CPU).
+
+    Parameters
+    ----------
+    interval : float
+        Seconds between RSS samples.
+    sample_rss : bool
+        False: no sampling thread (only `cuda_bytes`), e.g. around timed code.
     """
 
-    def __init__(self, interval: float = 0.002) -> None:
+    def __init__(self, interval: float = 0.002, sample_rss: bool = True) -> None:
         self.interval = interval
+        self.sample_rss = sample_rss
         self.rss_bytes = 0
         self.cuda_bytes = 0
 
     def __enter__(self) -> PeakMemory:
         try:
-            self._base = rss_bytes()
+            self._base = rss_bytes() if self.sample_rss else None
         except OSError:
             self._base = None
         self._peak = self._base or 0

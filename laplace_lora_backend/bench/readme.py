@@ -30,9 +30,9 @@ def _predict(c: dict, mem_gib: float) -> object:
     return c.get("predict_x") if not err else "failed: " + err[:60]
 
 
-def _models(wl: dict, mem_gib: float) -> list[str]:
+def _models(cells: list[dict], mem_gib: float) -> list[str]:
     rows = []
-    for c in wl["cells"]:
+    for c in cells:
         if "error" in c:
             how = "refused" if c["error"].startswith("ValueError") else "failed"
             rows.append([c["contender"], f"{how}: {c['error'][:60]}", "", "", ""])
@@ -76,7 +76,7 @@ def render(result: dict, json_path: str = "benchmarks/results/bench.json") -> st
         if wl["workload"].startswith("SmolLM2"):
             lines += ["", f"**{wl['workload']}** (Kronecker contenders):", ""]
             lines += _models(
-                {"cells": [c for c in wl["cells"] if " diag" not in c["contender"]]},
+                [c for c in wl["cells"] if " diag" not in c["contender"]],
                 meta["per-cell memory (GiB)"],
             )
     at = [r for r in result.get("widths", []) if r["width"] == 4096]

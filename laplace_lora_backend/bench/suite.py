@@ -215,19 +215,17 @@ def width_cell(
     la = contender(name).build(wl.model)
     loader = Loader(wl.train)
     before = rss_bytes()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        cuda0 = torch.cuda.memory_allocated()
-    fit = timed_ratio(lambda: la.fit(loader), lambda: _fwd_bwd(wl), repeats, limit_s)
+    with PeakMemory(sample_rss=False) as mem:  # CUDA only: no thread in the timing
+        fit = timed_ratio(
+            lambda: la.fit(loader), lambda: _fwd_bwd(wl), repeats, limit_s
+        )
     return {
         "runs": fit.runs,
         "fit_s": fit.seconds,
         "fit_x": fit.ratio,
         "factor_mib": _factor_bytes(la) / MIB,
         "peak_rss_mib": (peak_rss_bytes() - before) / MIB,
-        "peak_cuda_mib": (torch.cuda.max_memory_allocated() - cuda0) / MIB
-        if torch.cuda.is_available()
-        else 0.0,
+        "peak_cuda_mib": mem.cuda_bytes / MIB,
     }
 
 
