@@ -20,7 +20,14 @@ from typing import Any
 import torch
 from laplace import DiagLaplace, FullLaplace, KronLaplace
 from laplace.baselaplace import ParametricLaplace
-from laplace.utils import Kron, Likelihood
+from laplace.utils import (
+    Kron,
+    Likelihood,
+    LinkApprox,
+    PredType,
+    PriorStructure,
+    TuningMethod,
+)
 from torch import distributed as dist
 from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader
@@ -46,8 +53,10 @@ from laplace_lora_backend.errors import (
     NonFiniteError,
     NotFittedError,
 )
+from laplace_lora_backend.glm import JacobianBatch, jacobian_batches, probit
 from laplace_lora_backend.hf_models import as_logits_model
 from laplace_lora_backend.matrix import LoRAKron
+from laplace_lora_backend.prior import PriorChoice, grid_search, nll, tune_auto
 
 __all__ = ["LoRALaplace", "LoRAKronLaplace", "LoRADiagLaplace", "LoRAFullLaplace"]
 
@@ -69,6 +78,11 @@ class LoRALaplace:
     lora_modules : str or list[str] or re.Pattern, optional
         Restrict to LoRA layers whose names match (substrings or a regex).
         ``["lm_head"]`` is last-layer LoRA Laplace (LLLA).
+    center_logits : bool, default=True
+        Classification: apply the probit link to zero-sum logits (the same
+        predictive distribution; see `laplace_lora_backend.glm.probit`).
+        ``False`` gives laplace-torch's probit, which a variance shared by all
+        logits can make reorder the classes.
     process_group : torch.distributed.ProcessGroup, optional
         When `torch.distributed` is initialised, `fit` combines the curvature
         of all ranks of this group (default: the world) so that every rank
@@ -91,9 +105,11 @@ class LoRALaplace:
         *args: Any,
         lora_modules: LoRAModules = None,
         process_group: Any = None,
+        center_logits: bool = True,
         **kwargs,
     ) -> None:
         self.process_group = process_group
+        self.center_logits = bool(center_logits)
         parent_init = super().__init__  # the laplace-torch class next in the MRO
         bound = inspect.signature(parent_init).bind(model, likelihood, *args, **kwargs)
         bound.apply_defaults()
@@ -142,6 +158,7 @@ class LoRALaplace:
         self.lora_modules = lora_modules
         self._is_fitted = False
         self._fit_signature: list[tuple[str, tuple[int, ...]]] | None = None
+        self.prior_choice: PriorChoice | None = None
         self.params = [w.param for w in weights]
         self.is_subset_params = True
         self.n_params = sum(p.numel() for p in self.params)
@@ -263,11 +280,46 @@ class LoRALaplace:
             check_targets(y, getattr(self, "n_outputs", None), self.likelihood)
             yield data
 
-    def __call__(self, x, *args: Any, **kwargs: Any):
-        """Posterior predictive (see laplace-torch); checks the batch first."""
+    def __call__(
+        self,
+        x: Any,
+        pred_type: PredType | str = PredType.GLM,
+        joint: bool = False,
+        link_approx: LinkApprox | str = LinkApprox.PROBIT,
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+        fitting: bool = False,
+        **model_kwargs: Any,
+    ):
+        """Posterior predictive (see laplace-torch); checks the batch first.
+
+        `x` may also be a `JacobianBatch` (``la.jacobian_batch(x)``) for the
+        GLM predictive. With ``center_logits=True`` (the default) the probit
+        link is applied to zero-sum logits (`laplace_lora_backend.glm.probit`);
+        the other links are laplace-torch's.
+        """
         self._check_lora_unchanged()
         self._check_batch_keys(x, need_x=self._reads_dict_key_x)
-        return super().__call__(x, *args, **kwargs)
+        if (
+            self.center_logits
+            and pred_type == PredType.GLM
+            and link_approx == LinkApprox.PROBIT
+            and self.likelihood == Likelihood.CLASSIFICATION
+        ):
+            f_mu, f_var = self._glm_predictive_distribution(x)
+            return probit(f_mu, f_var, centered=True)
+        return super().__call__(
+            x,
+            pred_type,
+            joint,
+            link_approx,
+            n_samples,
+            diagonal_output,
+            generator,
+            fitting,
+            **model_kwargs,
+        )
 
     def functional_samples(self, x, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Function-space samples (see laplace-torch); checks the batch first."""
@@ -299,26 +351,178 @@ class LoRALaplace:
 
     # ------------------------------------------------------------ GLM predictive
     @torch.enable_grad()
-    def _glm_predictive_distribution(self, X, joint=False, diagonal_output=False):
-        """GLM mean and covariance of the outputs.
+    def jacobian_batch(self, X: Any) -> JacobianBatch:
+        """GLM Jacobians and mean of a batch, reusable for any prior precision.
+
+        ``la(la.jacobian_batch(x), link_approx=...)`` equals
+        ``la(x, link_approx=...)``; the prior precision can change in between
+        (see `laplace_lora_backend.glm`).
 
         If the model's outputs are a fixed linear map of fewer features
         (``model.linear_head()`` returns `(W, b)` with more rows than columns,
         e.g. many answer tokens read through a frozen `lm_head`), the
-        Jacobians are taken w.r.t. the features and ``W Cov W^T`` is formed:
-        `hidden` instead of `C` vector-Jacobian products, no `(B, C, P)` tensor.
+        Jacobians are taken w.r.t. the features: `hidden` instead of `C`
+        vector-Jacobian products, no `(B, C, P)` tensor.
+
+        Parameters
+        ----------
+        X : torch.Tensor or MutableMapping
+            A batch (labels are not needed).
+
+        Returns
+        -------
+        JacobianBatch
         """
         head = getattr(self.model, "linear_head", None)
         Wb = head() if callable(head) and self._uses_lora_backend else None
-        if Wb is None or joint or Wb[0].shape[0] <= Wb[0].shape[1]:
-            return super()._glm_predictive_distribution(X, joint, diagonal_output)
-        Js, h = self.backend.jacobians(X, features=True)
-        W, b = (t.detach().to(h.dtype) if t is not None else None for t in Wb)
-        f_mu = h @ W.T if b is None else h @ W.T + b
-        f_var = W @ self.functional_variance(Js) @ W.T
-        if diagonal_output:
-            f_var = torch.diagonal(f_var, dim1=-2, dim2=-1)
-        return f_mu.detach(), f_var.detach()
+        if Wb is not None and Wb[0].shape[0] > Wb[0].shape[1]:
+            Js, h = self.backend.jacobians(X, features=True)
+            W, b = (t.detach().to(h.dtype) if t is not None else None for t in Wb)
+            return JacobianBatch(Js, h, (W, b))
+        Js, f = self.backend.jacobians(X, enable_backprop=self.enable_backprop)
+        return JacobianBatch(Js, f)
+
+    def _glm_predictive_distribution(self, X, joint=False, diagonal_output=False):
+        """GLM mean and covariance of the outputs (`X` may be a `JacobianBatch`)."""
+        if not isinstance(X, JacobianBatch):
+            if joint or not self._uses_lora_backend:
+                return super()._glm_predictive_distribution(X, joint, diagonal_output)
+            X = self.jacobian_batch(X)
+        if joint:  # regression: N(f, J Sigma J^T) over all outputs of the batch
+            if X.head is not None:
+                raise ValueError(
+                    "The joint predictive needs output Jacobians; this batch holds "
+                    "feature Jacobians of a linear head."
+                )
+            return X.f.flatten().detach(), self.functional_covariance(X.Js).detach()
+        return X.moments(self.functional_variance, diagonal_output)
+
+    # ------------------------------------------------------- prior precision
+    def optimize_prior_precision(
+        self,
+        pred_type: PredType | str = PredType.GLM,
+        method: TuningMethod | str = TuningMethod.MARGLIK,
+        n_steps: int = 100,
+        lr: float = 1e-1,
+        init_prior_prec: float | torch.Tensor = 1.0,
+        prior_structure: PriorStructure | str = PriorStructure.SCALAR,
+        val_loader: Iterable | None = None,
+        loss: Any = None,
+        log_prior_prec_min: float = -4,
+        log_prior_prec_max: float = 4,
+        grid_size: int = 100,
+        link_approx: LinkApprox | str = LinkApprox.PROBIT,
+        n_samples: int = 100,
+        verbose: bool = False,
+        progress_bar: bool = False,
+        log_prior_prec_base: float = 10.0,
+    ) -> None:
+        """Tune the prior precision (laplace-torch's arguments, plus ``"auto"``).
+
+        ``method="marglik"`` is laplace-torch's. ``method="gridsearch"`` with
+        the GLM predictive scores the grid on validation Jacobians computed
+        once (`laplace_lora_backend.glm`), with a fresh loss per grid point;
+        the grid and the choice (lowest validation loss) are laplace-torch's.
+        ``method="auto"`` needs `val_loader`: marglik, kept if its validation
+        loss is not worse than MAP's; else the grid point with the lowest
+        validation loss, where the grid scales the marglik prior precision by
+        ``log_prior_prec_base ** linspace(min, max, grid_size)`` (keeping its
+        structure); if no point beats MAP, the posterior is switched off
+        (the MAP predictive) with a warning. The choice is kept in
+        `prior_choice` (a `PriorChoice`).
+
+        Parameters
+        ----------
+        pred_type, method, n_steps, lr, init_prior_prec, prior_structure
+            See `laplace.ParametricLaplace.optimize_prior_precision`; `method`
+            also takes ``"auto"``.
+        val_loader : Iterable, optional
+            Labelled validation batches (``"gridsearch"`` and ``"auto"``).
+        loss : callable or torchmetrics.Metric, optional
+            Validation loss ``loss(predictions, targets)``; default: NLL for
+            classification, mean squared error for regression.
+        log_prior_prec_min, log_prior_prec_max, grid_size, log_prior_prec_base
+            The grid.
+        link_approx, n_samples
+            The predictive scored on validation data.
+        verbose, progress_bar : bool
+
+        Raises
+        ------
+        ValueError
+            Unknown `method`, or ``"gridsearch"`` / ``"auto"`` without
+            `val_loader`.
+        """
+        self._check_H_init()
+        method = str(getattr(method, "value", method))
+        if method not in ("marglik", "gridsearch", "auto"):
+            raise ValueError(
+                f"Unknown method {method!r}: use 'marglik', 'gridsearch' or 'auto'."
+            )
+        cached = str(getattr(pred_type, "value", pred_type)) == PredType.GLM
+        if method == "marglik" or (method == "gridsearch" and not cached):
+            self.prior_choice = None
+            return super().optimize_prior_precision(
+                pred_type,
+                method,
+                n_steps,
+                lr,
+                init_prior_prec,
+                prior_structure,
+                val_loader,
+                loss,
+                log_prior_prec_min,
+                log_prior_prec_max,
+                grid_size,
+                link_approx,
+                n_samples,
+                verbose,
+                progress_bar,
+                log_prior_prec_base=log_prior_prec_base,
+            )
+        if val_loader is None:
+            raise ValueError(
+                f"method={method!r} needs labelled validation data: pass "
+                "val_loader=... (batches like the training loader's), or use "
+                "method='marglik'."
+            )
+        if not cached:
+            raise ValueError(
+                "method='auto' scores the GLM predictive: use pred_type='glm'."
+            )
+        if loss is None:
+            loss = nll if self.likelihood == Likelihood.CLASSIFICATION else _mse
+        batches = jacobian_batches(
+            self, val_loader, self.dict_key_y, progress_bar, "[Validation Jacobians]"
+        )
+        scales = torch.logspace(
+            log_prior_prec_min, log_prior_prec_max, grid_size, base=log_prior_prec_base
+        )
+        if method == "gridsearch":
+            best, _ = grid_search(
+                self, batches, list(scales), loss, link_approx, n_samples
+            )
+            self.prior_precision = scales[best]
+            self.prior_choice = None
+        else:
+
+            def marglik() -> None:
+                LoRALaplace.optimize_prior_precision(
+                    self,
+                    pred_type,
+                    "marglik",
+                    n_steps,
+                    lr,
+                    init_prior_prec,
+                    prior_structure,
+                    progress_bar=progress_bar,
+                )
+
+            self.prior_choice = tune_auto(
+                self, batches, marglik, scales.tolist(), loss, link_approx, n_samples
+            )
+        if verbose:
+            print(f"Optimized prior precision is {self.prior_precision}.")
 
     # ------------------------------------------------ weight-sampling predictive
     @contextmanager
@@ -596,6 +800,10 @@ class LoRALaplace:
                 f"Use {saved['class']}.from_pretrained or LoRALaplace.from_pretrained."
             )
         return load_posterior(directory, model, **kwargs)
+
+
+def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (out - y.reshape(out.shape)).square().mean()
 
 
 _EMPTY_LOADER = "train_loader is empty: fit needs at least one batch of training data."

@@ -240,6 +240,7 @@ def _constructor_settings(la: LoRALaplace) -> tuple[dict[str, Any], list[str]]:
         "enable_backprop": la.enable_backprop,
         "dict_key_x": la.dict_key_x,
         "dict_key_y": la.dict_key_y,
+        "center_logits": la.center_logits,
     }
     omitted: list[str] = []
     if hasattr(la, "damping"):

@@ -39,6 +39,7 @@ def fit_pair(arch, ours, ref, approx, pad=False):
         hessian_structure="kron",
         backend=ours,
         backend_kwargs={"kfac_approx": approx},
+        center_logits=False,  # laplace-torch's probit, compared below
     )
     la.fit(loader)
     up = KronLaplace(

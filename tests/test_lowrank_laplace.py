@@ -84,9 +84,12 @@ def test_truncated_posterior_against_its_dense_matrix(residual):
         + 0.8 * la.mean @ la.mean
     )
     assert abs((la.log_marginal_likelihood() - lml) / lml) < 1e-6
-    probs = la(batch, link_approx="probit")
-    kappa = 1 / torch.sqrt(1 + torch.pi / 8 * torch.diagonal(var, dim1=1, dim2=2))
-    assert rel_err(probs, torch.softmax(f * kappa, -1)) < 1e-6
+    probs = la(batch, link_approx="probit")  # default: probit of zero-sum logits
+    C = f.shape[-1]
+    Pc = torch.eye(C, dtype=f.dtype) - 1.0 / C
+    var_c = Pc @ var @ Pc
+    kappa = 1 / torch.sqrt(1 + torch.pi / 8 * torch.diagonal(var_c, dim1=1, dim2=2))
+    assert rel_err(probs, torch.softmax((f @ Pc) * kappa, -1)) < 1e-6
 
 
 def test_marglik_tuning_and_per_layer_prior():

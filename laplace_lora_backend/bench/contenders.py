@@ -42,11 +42,13 @@ def _ours(structure: str, **kwargs: Any) -> Callable[[nn.Module], Any]:
 
         import laplace_lora_backend  # noqa: F401  (registers "lora")
 
+        # laplace-torch's probit (center_logits=False): predictives comparable
         return Laplace(
             model,
             "classification",
             subset_of_weights="lora",
             hessian_structure=structure,
+            center_logits=False,
             **kwargs,
         )
 

@@ -294,7 +294,11 @@ def _fitted_many_outputs(C: int, device: str = "cpu"):
 
     wl = many_outputs(C).to(device)
     la = Laplace(
-        wl.model, "classification", subset_of_weights="lora", hessian_structure="kron"
+        wl.model,
+        "classification",
+        subset_of_weights="lora",
+        hessian_structure="kron",
+        center_logits=False,  # laplace-torch's probit: comparable predictives
     )
     la.fit(Loader(wl.train))
     return wl, la
