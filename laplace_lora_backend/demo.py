@@ -12,20 +12,21 @@ the test split, from the same LoRA checkpoint:
 - ``LA``: Laplace over all LoRA weights, K-FAC with low-rank wide factors;
 - ``LA-diag``: the same with a diagonal posterior.
 
-Laplace priors are tuned by marginal likelihood, then checked on the
-validation split: if the tuned posterior is worse than MAP on validation NLL,
-the prior precision is chosen on the validation NLL instead, and if no
-candidate beats MAP the posterior is effectively switched off (a very large
-prior precision) and the run says so. ``--model tiny`` runs the same pipeline
-on a random-init tiny Llama with a word-level tokenizer (CI smoke test).
+Laplace priors are tuned with the library's
+``la.optimize_prior_precision(method="auto", val_loader=...)``: marginal
+likelihood, checked against MAP on the validation split's NLL; if it is
+worse, the prior precision is chosen on validation NLL, and if nothing beats
+MAP the posterior is switched off (the library warns, the run says so).
+``--model tiny`` runs the same pipeline on a random-init tiny Llama with a
+word-level tokenizer (CI smoke test).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from laplace_lora_backend.glm import jacobian_batches
 from laplace_lora_backend.llm.data import TextDataset, load_dataset, tokenize_prompts
 from laplace_lora_backend.llm.finetune import predict_logits, train_map
 from laplace_lora_backend.llm.metrics import classification_metrics, reliability_bins
@@ -40,7 +42,6 @@ from laplace_lora_backend.llm.metrics import classification_metrics, reliability
 __all__ = ["DemoConfig", "run_demo"]
 
 METHODS = ["MAP", "TS", "MCD", "LLLA", "LA", "LA-diag"]
-LARGE_PRIOR = 1e8  # "posterior switched off": the predictive equals MAP's
 
 
 @dataclass
@@ -219,106 +220,34 @@ def mc_dropout_probs(model, batches, n_samples: int) -> torch.Tensor:
             m.eval()
 
 
-def _nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    return float(-probs.gather(1, labels[:, None]).clamp_min(1e-12).log().mean())
-
-
-class GLMCache:
-    """GLM means and Jacobians of a fitted Laplace object on a fixed data set.
-
-    Many prior precisions, and other Laplace objects over the same LoRA
-    weights (e.g. kron and diag), are then scored without new backward
-    passes: ``probs(prior, la)`` equals ``la(batch, link_approx="probit")``.
-    """
-
-    def __init__(self, la, batches, desc: str | None = None):
-        self.la = la
-        batches = list(batches)
-        self.items = [
-            la.backend.jacobians(b)
-            for b in tqdm(batches, desc=desc, disable=desc is None)
-        ]
-        self.labels = torch.cat([b["labels"] for b in batches])
-
-    def probs(self, prior_precision=None, la=None) -> torch.Tensor:
-        """Probit predictive `(n, C)` of `la` (default: the one that built this)."""
-        la = self.la if la is None else la
-        if prior_precision is not None:
-            la.prior_precision = prior_precision
-        out = []
-        for Js, f in self.items:
-            var = la.functional_variance(Js)
-            kappa = 1 / torch.sqrt(1 + math.pi / 8 * var.diagonal(dim1=1, dim2=2))
-            out.append(torch.softmax(kappa * f, -1))
-        return torch.cat(out)
-
-
 PRIOR_MODES = ("auto", "marglik", "validation")
 
 
-def tune_prior(
-    la, val: GLMCache, map_val_nll: float, log, mode: str = "auto"
-) -> dict[str, Any]:
-    """Choose the prior precision; the choice is returned for the JSON.
+def tune_prior(la, val, mode: str = "auto") -> dict[str, Any]:
+    """Choose the prior precision with the library's API; the choice (JSON).
 
     Parameters
     ----------
-    la : fitted Laplace object
-    val : GLMCache
-        Validation Jacobians (of `la` or of another Laplace object over the
-        same LoRA weights): every candidate is scored without new backward
-        passes.
-    map_val_nll : float
-        MAP's validation NLL.
-    log : callable
+    la : fitted LoRA Laplace object
+    val : list[tuple[JacobianBatch, torch.Tensor]]
+        Validation Jacobians (`jacobian_batches`), shared by the Laplace
+        objects over the same LoRA weights.
     mode : {'auto', 'marglik', 'validation'}
-        ``'marglik'``: maximise the log marginal likelihood (scalar prior).
-        ``'validation'``: the grid value with the lowest validation NLL.
-        ``'auto'`` (default): marglik, unless its validation NLL is worse than
-        MAP's; then the validation choice. In ``'auto'`` and ``'validation'``,
-        if no candidate beats MAP on validation NLL the posterior is switched
-        off (prior precision 1e8, the MAP predictive) and the run says so.
+        ``'marglik'``: ``optimize_prior_precision()`` (no validation data).
+        ``'validation'``: ``method="gridsearch"`` on validation NLL.
+        ``'auto'`` (default): ``method="auto"``: marglik, checked against MAP
+        on validation NLL (see `LoRALaplace.optimize_prior_precision`).
     """
     if mode not in PRIOR_MODES:
         raise ValueError(f"Unknown prior mode {mode!r}; choose one of {PRIOR_MODES}.")
-    la.optimize_prior_precision(method="marglik", n_steps=100, lr=0.1)
-    marglik_prior = la.prior_precision.detach().clone()
-
-    def val_nll(prior):
-        return _nll(val.probs(prior, la), val.labels)
-
-    nll_marglik = val_nll(marglik_prior)
-    choice = {
-        "mode": mode,
-        "marglik_prior": marglik_prior.tolist(),
-        "val_nll_marglik": nll_marglik,
-        "val_nll_map": map_val_nll,
-    }
-    if mode == "marglik" or (mode == "auto" and nll_marglik <= map_val_nll):
-        choice.update(method="marglik", prior_precision=marglik_prior.tolist())
-        la.prior_precision = marglik_prior
-        return choice
-    grid = torch.logspace(-4, 6, 31, dtype=la._dtype)
-    scores = [val_nll(p) for p in grid]
-    best = min(range(len(grid)), key=scores.__getitem__)
-    if scores[best] <= map_val_nll:
-        log(
-            f"  validation NLL: marglik prior {nll_marglik:.4f}, MAP "
-            f"{map_val_nll:.4f}; using the validation choice {float(grid[best]):.3g} "
-            f"({scores[best]:.4f})"
-        )
-        choice.update(
-            method="validation", prior_precision=float(grid[best]), val_nll=scores[best]
-        )
-        la.prior_precision = grid[best]
-    else:
-        log(
-            "  no prior precision beats MAP on validation NLL; the posterior is "
-            f"switched off (prior precision {LARGE_PRIOR:g})"
-        )
-        choice.update(method="fallback-to-MAP", prior_precision=LARGE_PRIOR)
-        la.prior_precision = LARGE_PRIOR
-    return choice
+    if mode == "marglik":
+        la.optimize_prior_precision()
+        return {"method": "marglik", "prior_precision": la.prior_precision.tolist()}
+    if mode == "validation":
+        la.optimize_prior_precision(method="gridsearch", val_loader=val)
+        return {"method": "gridsearch", "prior_precision": la.prior_precision.tolist()}
+    la.optimize_prior_precision(method="auto", val_loader=val)
+    return la.prior_choice.to_dict()
 
 
 # ------------------------------------------------------------------- one run
@@ -338,7 +267,6 @@ def run_seed(cfg: DemoConfig, data: TextDataset, seed: int, log) -> dict[str, An
     labels = {k: torch.cat([b["labels"] for b in v]) for k, v in splits.items()}
     val_logits = predict_logits(model, splits["val"])
     test_logits = predict_logits(model, tqdm(splits["test"], desc="MAP test"))
-    map_val_nll = _nll(val_logits.softmax(-1), labels["val"])
     probs = {"MAP": test_logits.softmax(-1)}
     T = fit_temperature(val_logits, labels["val"])
     probs["TS"] = (test_logits.double() / T).softmax(-1)
@@ -353,7 +281,7 @@ def run_seed(cfg: DemoConfig, data: TextDataset, seed: int, log) -> dict[str, An
     }[cfg.kfac_backend]
     priors = {"TS": {"temperature": T}}
     # Jacobians on val / test per LoRA subset: LA and LA-diag share theirs
-    caches: dict[str, dict[str, GLMCache]] = {}
+    caches: dict[str, dict[str, list]] = {}
     for name, structure, modules in (
         ("LLLA", "kron", ["lm_head"]),
         ("LA", "kron", None),
@@ -377,12 +305,19 @@ def run_seed(cfg: DemoConfig, data: TextDataset, seed: int, log) -> dict[str, An
         subset = "lm_head" if modules else "all"
         if subset not in caches:
             caches[subset] = {
-                split: GLMCache(la, splits[split], desc=f"{name} Jacobians ({split})")
+                split: jacobian_batches(
+                    la, splits[split], progress_bar=True, desc=f"{name} J ({split})"
+                )
                 for split in ("val", "test")
             }
         cache = caches[subset]
-        priors[name] = tune_prior(la, cache["val"], map_val_nll, log, cfg.prior)
-        probs[name] = cache["test"].probs(None, la)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            priors[name] = tune_prior(la, cache["val"], cfg.prior)
+        for w in caught:
+            if "switched off" in str(w.message):
+                log(f"  {name}: {w.message}")
+        probs[name] = torch.cat([la(jb) for jb, _ in cache["test"]])
         timings[f"{name}_predict_s"] = time.perf_counter() - t0
         del la
     metrics = {m: classification_metrics(probs[m], labels["test"]) for m in METHODS}

@@ -45,11 +45,7 @@ def test_quick_demo_writes_consistent_table_json_and_png(tmp_path):
         assert result["mean"][m] == result[m]
     for run in result["seeds"]:
         for name in ("LLLA", "LA", "LA-diag"):
-            assert run["priors"][name]["method"] in {
-                "marglik",
-                "validation",
-                "fallback-to-MAP",
-            }
+            assert run["priors"][name]["method"] in {"marglik", "gridsearch", "map"}
 
 
 def test_every_method_returns_probabilities():
@@ -64,12 +60,14 @@ def test_every_method_returns_probabilities():
 
 
 @pytest.mark.parametrize("prior", [0.5, 20.0])
-def test_glm_cache_equals_laplace_probit_for_kron_and_diag(prior):
-    """One Jacobian pass scores kron and diag posteriors as `la(x)` would."""
+def test_jacobians_cached_with_one_posterior_score_another(prior):
+    """One Jacobian pass serves kron and diag posteriors over the same LoRA
+    weights: `la(jb)` equals `la(x)` for both."""
     from laplace import Laplace
 
     from laplace_lora_backend import LoRAGGN
-    from laplace_lora_backend.demo import GLMCache, build_model, make_splits
+    from laplace_lora_backend.demo import build_model, make_splits
+    from laplace_lora_backend.glm import jacobian_batches
 
     cfg = DemoConfig.quick_config(model="tiny", n_train=16, n_val=8, n_test=16)
     data = load_dataset("drugreview")
@@ -86,32 +84,26 @@ def test_glm_cache_equals_laplace_probit_for_kron_and_diag(prior):
         )
         la.fit(splits["train"])
         las.append(la)
-    cache = GLMCache(las[0], splits["test"])
+    cache = jacobian_batches(las[0], splits["test"])
+    got = []
     for la in las:
         la.prior_precision = prior
         expected = torch.cat(
             [la(b, pred_type="glm", link_approx="probit") for b in splits["test"]]
         )
-        got = cache.probs(prior, la)
-        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+        got.append(torch.cat([la(jb) for jb, _ in cache]))
+        assert torch.allclose(got[-1], expected, rtol=1e-5, atol=1e-6)
     # the two posteriors differ, so the check above is not vacuous
-    assert not torch.allclose(cache.probs(prior, las[0]), cache.probs(prior, las[1]))
+    assert not torch.allclose(got[0], got[1])
 
 
-def test_prior_modes_marglik_validation_and_auto():
-    """'marglik' keeps the evidence optimum, 'validation' the grid value with
-    the lowest validation NLL (or MAP's predictive if none beats MAP), and
-    'auto' one of the two by the validation check."""
+def test_prior_modes_are_the_library_api():
+    """'marglik' is optimize_prior_precision(), 'validation' its gridsearch
+    and 'auto' its method='auto' on the validation Jacobians."""
     from laplace import Laplace
 
-    from laplace_lora_backend.demo import (
-        GLMCache,
-        _nll,
-        build_model,
-        make_splits,
-        tune_prior,
-    )
-    from laplace_lora_backend.llm.finetune import predict_logits
+    from laplace_lora_backend.demo import build_model, make_splits, tune_prior
+    from laplace_lora_backend.glm import jacobian_batches
 
     cfg = DemoConfig.quick_config(model="tiny", n_train=16, n_val=16)
     data = load_dataset("drugreview")
@@ -121,27 +113,20 @@ def test_prior_modes_marglik_validation_and_auto():
         model, "classification", subset_of_weights="lora", hessian_structure="kron"
     )
     la.fit(splits["train"])
-    val = GLMCache(la, splits["val"])
-    map_nll = _nll(predict_logits(model, splits["val"]).softmax(-1), val.labels)
-    quiet = lambda *a: None  # noqa: E731
+    val = jacobian_batches(la, splits["val"])
 
-    m = tune_prior(la, val, map_nll, quiet, "marglik")
+    m = tune_prior(la, val, "marglik")
     assert m["method"] == "marglik"
-    assert la.prior_precision.tolist() == m["marglik_prior"]
+    la.optimize_prior_precision()
+    assert la.prior_precision.tolist() == m["prior_precision"]
 
-    v = tune_prior(la, val, map_nll, quiet, "validation")
-    grid = torch.logspace(-4, 6, 31, dtype=la._dtype)
-    scores = [_nll(val.probs(p, la), val.labels) for p in grid]
-    if v["method"] == "validation":
-        assert v["prior_precision"] == pytest.approx(
-            float(grid[int(torch.tensor(scores).argmin())])
-        )
-        assert v["val_nll"] == pytest.approx(min(scores)) and min(scores) <= map_nll
-    else:
-        assert v["method"] == "fallback-to-MAP" and min(scores) > map_nll
+    v = tune_prior(la, val, "validation")
+    la.optimize_prior_precision(method="gridsearch", val_loader=splits["val"])
+    assert la.prior_precision.tolist() == pytest.approx(v["prior_precision"])
 
-    a = tune_prior(la, val, map_nll, quiet, "auto")
-    expected = "marglik" if a["val_nll_marglik"] <= map_nll else v["method"]
-    assert a["method"] == expected
+    a = tune_prior(la, val, "auto")
+    assert a["method"] in {"marglik", "gridsearch", "map"}
+    assert a["val_loss"] <= a["val_loss_map"] + 1e-12
+    assert la.prior_precision.tolist() == pytest.approx(a["prior_precision"])
     with pytest.raises(ValueError, match="Unknown prior mode"):
-        tune_prior(la, val, map_nll, quiet, "grid")
+        tune_prior(la, val, "grid")
