@@ -76,12 +76,86 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _calibrate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default="smollm2",
+        choices=["smollm2", "tiny"],
+        help="'tiny': random-init tiny Llama (smoke test); default: %(default)s",
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1], help="default: %(default)s"
+    )
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=None,
+        help="case names (e.g. drugreview-qv-64); default: all 8",
+    )
+    parser.add_argument(
+        "--output",
+        default="benchmarks/results/calibration",
+        help="folder for runs/ and the summary; default: %(default)s",
+    )
+    parser.add_argument(
+        "--shard",
+        default="0/1",
+        help="run every n-th (case, seed) starting at i: 'i/n'; default: %(default)s",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads; default: %(default)s"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes (smoke test with --model tiny)",
+    )
+    parser.add_argument(
+        "--aggregate-only",
+        action="store_true",
+        help="only write the summary from existing run files",
+    )
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    from laplace_lora_backend.battery import (
+        CASES,
+        BatteryConfig,
+        aggregate,
+        run_battery,
+    )
+
+    cfg = BatteryConfig(
+        model=args.model, seeds=args.seeds, output=args.output, threads=args.threads
+    )
+    if args.quick:
+        cfg.n_val, cfg.n_test, cfg.epochs = 16, 24, 2
+    cases = CASES
+    if args.cases:
+        unknown = sorted(set(args.cases) - {c.name for c in CASES})
+        if unknown:
+            raise SystemExit(
+                f"Unknown case(s) {unknown}; choose from {[c.name for c in CASES]}."
+            )
+        cases = [c for c in CASES if c.name in args.cases]
+    if args.quick:
+        cases = [type(c)(c.dataset, c.targets, 24) for c in cases]
+    i, n = (int(v) for v in args.shard.split("/"))
+    if not args.aggregate_only:
+        run_battery(cfg, cases, (i, n))
+    if i == 0 or args.aggregate_only:
+        aggregate(cfg, cases)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``laplace-lora`` console script."""
     parser = argparse.ArgumentParser(prog="laplace-lora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_args(sub.add_parser("demo", help="MAP vs Laplace-LoRA calibration demo"))
     _bench_args(sub.add_parser("bench", help="benchmarks vs laplace-torch's backends"))
+    _calibrate_args(
+        sub.add_parser("calibrate", help="calibration battery: MAP vs LA, 8 cases")
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.command == "demo":
@@ -98,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
             else DemoConfig(**overrides)
         )
         run_demo(cfg)
+    elif args.command == "calibrate":
+        _calibrate(args)
     elif args.command == "bench":
         from laplace_lora_backend.bench.suite import run_suite
 

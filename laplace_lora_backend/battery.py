@@ -1,0 +1,381 @@
+"""`laplace-lora calibrate`: does Laplace-LoRA help beyond the demo's case.
+
+A battery of cases on SmolLM2-135M with real data, varying the data set, the
+LoRA placement and the training size. Each case is fine-tuned (MAP) per seed,
+then compared on its test split, with the library's defaults only:
+
+- ``MAP``: the fine-tuned softmax; ``TS``: temperature scaling (validation);
+- ``LA``: ``Laplace(model, "classification", subset_of_weights="lora",
+  hessian_structure="kron")``, ``fit``, ``optimize_prior_precision()``,
+  ``la(x)`` (no validation data);
+- ``LA-auto``: the same with ``optimize_prior_precision(method="auto",
+  val_loader=val)``;
+- ``LLLA``: defaults over the last layer's LoRA weights (``lm_head`` if it
+  has LoRA, else the last transformer block's); ``LA-diag``: diagonal.
+
+Ablations from the same fitted posterior and cached Jacobians (for the
+README's comparison): ``LA-rawprobit`` (laplace-torch's probit,
+``center_logits=False``), ``LA-mc`` (MC link), ``LA-bridge``,
+``LA-layerwise`` (per-tensor marglik priors).
+
+Every run is written to ``runs/<case>_s<seed>.json`` as soon as it is done
+and skipped when it exists, so the battery can be resumed and split over
+processes (``--shard i/n``); ``--aggregate`` writes the summary (JSON,
+Markdown, PNG) from the run files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from laplace_lora_backend.demo import DemoConfig, fit_temperature, make_splits
+from laplace_lora_backend.glm import jacobian_batches
+from laplace_lora_backend.llm.data import load_dataset
+from laplace_lora_backend.llm.finetune import predict_logits, train_map
+from laplace_lora_backend.llm.metrics import classification_metrics
+
+__all__ = ["CASES", "BatteryConfig", "Case", "aggregate", "run_battery"]
+
+METRICS = ("acc", "ece", "nll", "brier")
+METHODS = ["MAP", "TS", "LLLA", "LA", "LA-auto", "LA-diag"]
+ABLATIONS = ["LA-rawprobit", "LA-mc", "LA-bridge", "LA-layerwise"]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One battery case: data set, LoRA placement, training size."""
+
+    dataset: str
+    targets: tuple[str, ...]
+    n_train: int
+
+    @property
+    def name(self) -> str:
+        """E.g. ``drugreview-qv-128``."""
+        short = "".join(
+            "head" if t == "lm_head" else t.removesuffix("_proj") for t in self.targets
+        )
+        return f"{self.dataset}-{short}-{self.n_train}"
+
+
+QV = ("q_proj", "v_proj")
+KO = ("k_proj", "o_proj")
+QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+QV_HEAD = ("q_proj", "v_proj", "lm_head")
+
+CASES = [
+    Case("drugreview", QV, 64),
+    Case("drugreview", KO, 128),
+    Case("drugreview", QKVO, 192),
+    Case("drugreview", QV_HEAD, 128),
+    Case("bbcnews", QV, 128),
+    Case("bbcnews", KO, 64),
+    Case("bbcnews", QKVO, 128),
+    Case("bbcnews", QV_HEAD, 192),
+]
+
+
+@dataclass
+class BatteryConfig:
+    """Settings shared by every case (recorded in the JSON)."""
+
+    model: str = "smollm2"
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    n_val: int = 64
+    n_test: int = 150
+    max_length: int = 40
+    batch_size: int = 8
+    epochs: int = 6
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    threads: int = 1
+    output: str = "benchmarks/results/calibration"
+
+
+def _demo_config(cfg: BatteryConfig, case: Case) -> DemoConfig:
+    steps = math.ceil(case.n_train / cfg.batch_size) * cfg.epochs
+    return DemoConfig(
+        dataset=case.dataset,
+        model=cfg.model,
+        n_train=case.n_train,
+        n_val=cfg.n_val,
+        n_test=cfg.n_test,
+        max_length=cfg.max_length,
+        batch_size=cfg.batch_size,
+        steps=steps,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        lora_dropout=cfg.lora_dropout,
+    )
+
+
+def build_case_model(cfg: BatteryConfig, case: Case, data, seed: int):
+    """LoRA answer-token classifier with the case's placement."""
+    from peft import LoraConfig, get_peft_model
+
+    from laplace_lora_backend.demo import _tiny_model_and_tokenizer
+    from laplace_lora_backend.llm.answer_tokens import (
+        AnswerTokenClassifier,
+        answer_token_ids,
+        trim_lm_head,
+    )
+    from laplace_lora_backend.llm.smollm2 import load_smollm2
+
+    if cfg.model == "tiny":
+        lm, tokenizer = _tiny_model_and_tokenizer(data, seed)
+        answers = [a.strip() for a in data.answers]
+    else:
+        lm, tokenizer = load_smollm2()
+        answers = data.answers
+    ids = answer_token_ids(answers, tokenizer)
+    trim_lm_head(lm, ids)
+    torch.manual_seed(seed)
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(case.targets),
+    )
+    return AnswerTokenClassifier(get_peft_model(lm, lora), ids).eval(), tokenizer
+
+
+def last_layer_modules(model) -> list[str] | str:
+    """LoRA modules of the last layer (a `lora_modules` value).
+
+    ``lm_head`` if it has LoRA, else the LoRA layers of the last transformer
+    block (a regex).
+    """
+    from laplace_lora_backend.curvature.discovery import lora_layer_names
+
+    names = lora_layer_names(model)
+    if any(n.endswith("lm_head") for n in names):
+        return ["lm_head"]
+    blocks = [int(m.group(1)) for n in names if (m := re.search(r"\.(\d+)\.", n))]
+    return rf"\.{max(blocks)}\."
+
+
+def _evaluate(la, batches, labels, **kwargs) -> dict[str, float]:
+    probs = torch.cat([la(jb, **kwargs) for jb, _ in batches])
+    return classification_metrics(probs, labels)
+
+
+def run_case_seed(cfg: BatteryConfig, case: Case, seed: int, log=print):
+    """Fine-tune one seed of one case and compare every method on its test set."""
+    from laplace import Laplace
+
+    data = load_dataset(case.dataset)
+    dcfg = _demo_config(cfg, case)
+    torch.manual_seed(seed)
+    model, tokenizer = build_case_model(cfg, case, data, seed)
+    splits = make_splits(dcfg, data, tokenizer, seed)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    train_map(model, splits["train"], dcfg.steps, dcfg.lr, dcfg.weight_decay)
+    timings["train_s"] = time.perf_counter() - t0
+    labels = {k: torch.cat([b["labels"] for b in v]) for k, v in splits.items()}
+    val_logits = predict_logits(model, splits["val"])
+    test_logits = predict_logits(model, splits["test"])
+    out: dict[str, Any] = {"seed": seed}
+    out["MAP"] = classification_metrics(test_logits.softmax(-1), labels["test"])
+    out["MAP"]["confidence"] = float(test_logits.softmax(-1).max(-1).values.mean())
+    T = fit_temperature(val_logits, labels["val"])
+    out["TS"] = classification_metrics(
+        (test_logits.double() / T).softmax(-1), labels["test"]
+    )
+    priors: dict[str, Any] = {"TS": {"temperature": T}}
+    caches: dict[str, Any] = {}
+    for name, structure, modules in (
+        ("LA", "kron", None),
+        ("LA-diag", "diag", None),
+        ("LLLA", "kron", last_layer_modules(model)),
+    ):
+        t0 = time.perf_counter()
+        la = Laplace(
+            model,
+            "classification",
+            subset_of_weights="lora",
+            hessian_structure=structure,
+            lora_modules=modules,
+        )
+        torch.manual_seed(seed)
+        la.fit(splits["train"])
+        key = "all" if modules is None else "last"
+        if key not in caches:  # the same LoRA weights share their Jacobians
+            caches[key] = {
+                s: jacobian_batches(la, splits[s], progress_bar=True, desc=f"{s} J")
+                for s in ("val", "test")
+            }
+        val, test = caches[key]["val"], caches[key]["test"]
+        la.optimize_prior_precision()
+        priors[name] = la.prior_precision.tolist()
+        out[name] = _evaluate(la, test, labels["test"])
+        if name == "LA":
+            marglik = la.prior_precision.clone()
+            la.center_logits = False
+            out["LA-rawprobit"] = _evaluate(la, test, labels["test"])
+            la.center_logits = True
+            torch.manual_seed(seed)
+            out["LA-mc"] = _evaluate(la, test, labels["test"], link_approx="mc")
+            out["LA-bridge"] = _evaluate(la, test, labels["test"], link_approx="bridge")
+            la.optimize_prior_precision(prior_structure="layerwise")
+            priors["LA-layerwise"] = la.prior_precision.tolist()
+            out["LA-layerwise"] = _evaluate(la, test, labels["test"])
+            la.prior_precision = marglik
+            la.optimize_prior_precision(method="auto", val_loader=val)
+            priors["LA-auto"] = la.prior_choice.to_dict()
+            out["LA-auto"] = _evaluate(la, test, labels["test"])
+        timings[f"{name}_s"] = time.perf_counter() - t0
+        log(f"  {name}: {out[name]} ({timings[name + '_s']:.0f} s)")
+        del la
+    out["priors"] = priors
+    out["timings"] = timings
+    return out
+
+
+def _mean_record(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    record: dict[str, Any] = {}
+    for m in METHODS + ABLATIONS:
+        record[m] = {k: statistics.fmean(r[m][k] for r in runs) for k in METRICS}
+        record[m].update(
+            {
+                f"{k}_std": statistics.stdev([r[m][k] for r in runs])
+                if len(runs) > 1
+                else 0.0
+                for k in METRICS
+            }
+        )
+    record["MAP"]["confidence"] = statistics.fmean(r["MAP"]["confidence"] for r in runs)
+    return record
+
+
+def acceptance(record: dict[str, Any], method: str = "LA") -> dict[str, bool]:
+    """The issue's checks of one case's mean record for `method`."""
+    la, mp = record[method], record["MAP"]
+    overconfident = mp["confidence"] > mp["acc"]
+    checks = {
+        "nll_le_1.02x_map": la["nll"] <= 1.02 * mp["nll"],
+        "ece_le_map_plus_1pt": la["ece"] <= mp["ece"] + 0.01,
+        "acc_ge_map_minus_1pt": la["acc"] >= mp["acc"] - 0.01,
+    }
+    if overconfident:
+        checks["better_nll_and_ece"] = la["nll"] < mp["nll"] and la["ece"] < mp["ece"]
+    return checks
+
+
+def aggregate(cfg: BatteryConfig, cases: list[Case] = CASES) -> dict[str, Any]:
+    """Summary JSON / Markdown / PNG from the run files in `cfg.output`."""
+    out = Path(cfg.output)
+    records = []
+    for case in cases:
+        runs = [
+            json.loads(p.read_text())
+            for s in cfg.seeds
+            if (p := out / "runs" / f"{case.name}_s{s}.json").exists()
+        ]
+        if not runs:
+            continue
+        record = {
+            "case": case.name,
+            "dataset": case.dataset,
+            "targets": list(case.targets),
+            "n_train": case.n_train,
+            "seeds": runs,
+            **_mean_record(runs),
+        }
+        record["map_overconfident"] = record["MAP"]["confidence"] > record["MAP"]["acc"]
+        record["checks"] = {m: acceptance(record, m) for m in ("LA", "LA-auto")}
+        records.append(record)
+    summary = {"config": asdict(cfg), "cases": records}
+    (out / "calibration.json").write_text(json.dumps(summary, indent=1))
+    (out / "calibration.md").write_text(to_markdown(records))
+    plot(records, out / "calibration.png")
+    return summary
+
+
+def to_markdown(records: list[dict[str, Any]]) -> str:
+    """One row per case and method (seed means), and the acceptance counts."""
+    lines = [
+        "| case | MAP conf | method | ACC (%) | ECE (%) | NLL | Brier |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        for m in METHODS + ABLATIONS:
+            s = r[m]
+            lines.append(
+                f"| {r['case']} | {100 * r['MAP']['confidence']:.1f} | {m} | "
+                f"{100 * s['acc']:.1f} | {100 * s['ece']:.1f} | {s['nll']:.3f} | "
+                f"{s['brier']:.3f} |"
+            )
+    lines += ["", "| case | check | LA | LA-auto |", "|---|---|---|---|"]
+    for r in records:
+        for check in r["checks"]["LA"]:
+            lines.append(
+                f"| {r['case']} | {check} | {r['checks']['LA'][check]} | "
+                f"{r['checks']['LA-auto'][check]} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict[str, Any]], path: Path) -> None:
+    """NLL and ECE of every method relative to MAP, per case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = ["TS", "LLLA", "LA", "LA-auto", "LA-diag", "LA-rawprobit"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    x = torch.arange(len(records)).float()
+    w = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        nll = [r[m]["nll"] / r["MAP"]["nll"] for r in records]
+        ece = [100 * (r[m]["ece"] - r["MAP"]["ece"]) for r in records]
+        axes[0].bar(x + i * w, nll, w, label=m)
+        axes[1].bar(x + i * w, ece, w, label=m)
+    axes[0].axhline(1.0, color="k", lw=1)
+    axes[1].axhline(0.0, color="k", lw=1)
+    axes[0].set(ylabel="NLL / MAP's NLL", title="NLL relative to MAP (lower: better)")
+    axes[1].set(ylabel="ECE - MAP's ECE (points)", title="ECE change (lower: better)")
+    for ax in axes:
+        ax.set_xticks(x + 0.4 - w / 2, [r["case"] for r in records], rotation=35)
+        ax.tick_params(axis="x", labelsize=7)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_battery(
+    cfg: BatteryConfig,
+    cases: list[Case] = CASES,
+    shard: tuple[int, int] = (0, 1),
+    log=print,
+) -> None:
+    """Run every (case, seed) of this shard that has no run file yet."""
+    torch.set_num_threads(cfg.threads)
+    runs_dir = Path(cfg.output) / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    todo = [(c, s) for c in cases for s in cfg.seeds]
+    for i, (case, seed) in enumerate(todo):
+        path = runs_dir / f"{case.name}_s{seed}.json"
+        if i % shard[1] != shard[0] or path.exists():
+            continue
+        log(f"== {case.name} seed {seed}")
+        t0 = time.perf_counter()
+        record = run_case_seed(cfg, case, seed, log)
+        record["seconds"] = time.perf_counter() - t0
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.rename(path)
