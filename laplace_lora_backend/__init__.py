@@ -21,6 +21,7 @@ from laplace_lora_backend.curvature import (
 )
 from laplace_lora_backend.errors import (
     AdapterMismatchError,
+    BatchKeyError,
     LoRAAdaptersChangedError,
     LoRALayerNotFoundError,
     NonFiniteError,
@@ -39,6 +40,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterMismatchError",
+    "BatchKeyError",
     "KFACApprox",
     "LoRADiagLaplace",
     "LoRAEF",

@@ -13,6 +13,7 @@ __all__ = [
     "NonFiniteError",
     "LoRAAdaptersChangedError",
     "AdapterMismatchError",
+    "BatchKeyError",
 ]
 
 
@@ -52,3 +53,14 @@ class LoRAAdaptersChangedError(ValueError):
 
 class AdapterMismatchError(ValueError):
     """A saved posterior's LoRA weights (names, order, shapes) are not the model's."""
+
+
+class BatchKeyError(KeyError, ValueError):
+    """A batch dict lacks `dict_key_x` / `dict_key_y`.
+
+    A `KeyError`, as laplace-torch raises, and a `ValueError` as our other
+    input checks; the message lists the keys present and the fix.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

@@ -11,8 +11,10 @@ adds ``("lora", "kron")``, ``("lora", "diag")`` and ``("lora", "full")`` to
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import re
+import warnings
 from collections.abc import Iterable, Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -49,6 +51,7 @@ from laplace_lora_backend.distributed import (
     reduce_tensor,
 )
 from laplace_lora_backend.errors import (
+    BatchKeyError,
     LoRAAdaptersChangedError,
     NonFiniteError,
     NotFittedError,
@@ -189,7 +192,16 @@ class LoRALaplace:
 
     @prior_precision.setter
     def prior_precision(self, prior_precision: float | torch.Tensor) -> None:
-        value = torch.as_tensor(prior_precision).detach()
+        try:
+            value = torch.as_tensor(prior_precision).detach()
+            if value.is_complex() or value.dtype == torch.bool:
+                raise TypeError
+        except (TypeError, RuntimeError, ValueError):
+            raise ValueError(
+                "prior_precision must be a positive number or a 1-D tensor (one "
+                f"value, one per LoRA weight, or one per parameter); got "
+                f"{prior_precision!r} of type {type(prior_precision).__name__}."
+            ) from None
         if value.numel() == 0 or not bool((value > 0).all() & value.isfinite().all()):
             raise ValueError(
                 f"prior_precision must be positive and finite, got {prior_precision}"
@@ -206,13 +218,81 @@ class LoRALaplace:
                 self._prior_precision = previous
             raise
 
+    # laplace-torch's contract for an unfitted object: the diagonal and full
+    # classes hold zero curvature, so their posterior is the prior (predictive
+    # and log_prob work); KronLaplace has no factors before fit and raises.
+    _unfitted_is_prior: bool = True
+
+    def _not_fitted(self) -> NotFittedError:
+        return NotFittedError(
+            f"{type(self).__name__} is not fitted: call la.fit(train_loader) "
+            "before predicting, sampling, computing the evidence or tuning "
+            "the prior (or load a fitted state with load_state_dict)."
+        )
+
     def _check_H_init(self) -> None:
+        if getattr(self, "_is_fitted", False):
+            return
+        if self._unfitted_is_prior and getattr(self, "H", None) is not None:
+            return  # zero curvature: the posterior is the prior
+        raise self._not_fitted()
+
+    def _check_fitted(self) -> None:
+        """Evidence, sampling, prior tuning and saving need a fitted posterior."""
         if not getattr(self, "_is_fitted", False):
-            raise NotFittedError(
-                f"{type(self).__name__} is not fitted: call la.fit(train_loader) "
-                "before predicting, sampling, computing the evidence or tuning "
-                "the prior (or load a fitted state with load_state_dict)."
+            raise self._not_fitted()
+
+    def log_marginal_likelihood(
+        self,
+        prior_precision: torch.Tensor | None = None,
+        sigma_noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Laplace's log marginal likelihood (see laplace-torch); needs `fit`."""
+        self._check_fitted()
+        return super().log_marginal_likelihood(prior_precision, sigma_noise)
+
+    def sample(
+        self, n_samples: int = 100, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Posterior samples of the LoRA weights `(n_samples, P)`; needs `fit`."""
+        self._check_fitted()
+        return super().sample(n_samples, generator)
+
+    def _check_predictable(self) -> None:
+        """Raise (kron) or warn (diag, full: the prior) before `fit`."""
+        if self._is_fitted:
+            return
+        if not self._unfitted_is_prior:
+            raise self._not_fitted()
+        warnings.warn(
+            f"{type(self).__name__} is not fitted: the predictive is the prior's "
+            "(as in laplace-torch). Call la.fit(train_loader) first.",
+            stacklevel=3,
+        )
+
+    def log_prob(self, value: torch.Tensor, normalized: bool = True) -> torch.Tensor:
+        """Log density of `value` under the posterior (the prior before `fit`).
+
+        Parameters
+        ----------
+        value : torch.Tensor
+            `(P,)` LoRA weights.
+        normalized : bool, default=True
+
+        Returns
+        -------
+        torch.Tensor
+        """
+        if self._is_fitted:
+            return super().log_prob(value, normalized)
+        delta = self.prior_precision_diag
+        diff = value - self.prior_mean
+        log_prob = -0.5 * (delta * diff.square()).sum()
+        if normalized:
+            log_prob = log_prob + 0.5 * (
+                delta.log().sum() - self.n_params * math.log(2 * math.pi)
             )
+        return log_prob
 
     def _lora_signature(self) -> list[tuple[str, tuple[int, ...]]]:
         """Names and shapes of the model's selected LoRA weights, now."""
@@ -220,7 +300,6 @@ class LoRALaplace:
 
     def _check_lora_unchanged(self) -> None:
         """Raise if the LoRA weights differ from those the posterior is over."""
-        self._check_H_init()
         if self._fit_signature is None:
             return
         try:
@@ -258,7 +337,7 @@ class LoRALaplace:
         keys = [self.dict_key_x] if need_x else [self.dict_key_y]
         missing = [k for k in keys if k not in x]
         if missing:
-            raise ValueError(
+            raise BatchKeyError(
                 f"The batch dict has no key(s) {missing} (keys: {sorted(x)}). Set "
                 "dict_key_x / dict_key_y when creating the Laplace object, e.g. "
                 "Laplace(..., dict_key_x='input_ids', dict_key_y='labels')."
@@ -299,6 +378,7 @@ class LoRALaplace:
         link is applied to zero-sum logits (`laplace_lora_backend.glm.probit`);
         the other links are laplace-torch's.
         """
+        self._check_predictable()
         self._check_lora_unchanged()
         self._check_batch_keys(x, need_x=self._reads_dict_key_x)
         if (
@@ -323,6 +403,7 @@ class LoRALaplace:
 
     def functional_samples(self, x, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Function-space samples (see laplace-torch); checks the batch first."""
+        self._check_predictable()
         self._check_lora_unchanged()
         self._check_batch_keys(x, need_x=self._reads_dict_key_x)
         return super().functional_samples(x, *args, **kwargs)
@@ -453,7 +534,7 @@ class LoRALaplace:
             Unknown `method`, or ``"gridsearch"`` / ``"auto"`` without
             `val_loader`.
         """
-        self._check_H_init()
+        self._check_fitted()
         method = str(getattr(method, "value", method))
         if method not in ("marglik", "gridsearch", "auto"):
             raise ValueError(
@@ -551,8 +632,22 @@ class LoRALaplace:
     ) -> Iterator[torch.Tensor]:
         """Model outputs with LoRA weights drawn from the posterior."""
         X = X.to(self._device) if isinstance(X, torch.Tensor) else X
-        grad = torch.enable_grad() if self.enable_backprop else torch.no_grad()
-        with self._restoring_lora_weights(), grad:
+        if self.enable_backprop:
+            # differentiable: each sample enters a functional call as
+            # ``p + (sample - p).detach()`` (the sample's value, gradients to
+            # the LoRA weights as laplace-torch gives); nothing is modified
+            names = [w.name for w in self.lora_weights]
+            for sample in self.sample(n_samples, generator):
+                chunks = sample.split([p.numel() for p in self.params])
+                weights = {
+                    n: p + (c.view_as(p).to(p.dtype) - p).detach()
+                    for n, c, p in zip(names, chunks, self.params, strict=True)
+                }
+                yield torch.func.functional_call(
+                    self.model, weights, (X,), model_kwargs, strict=False
+                )
+            return
+        with self._restoring_lora_weights(), torch.no_grad():
             for sample in self.sample(n_samples, generator):
                 self._set_lora_weights(sample)
                 yield self.model(X, **model_kwargs)
@@ -603,12 +698,13 @@ class LoRALaplace:
                 "enable the LoRA weights)."
             )
         group = active_group(self.process_group)
-        if not override and (group is not None or not self._is_fitted):
-            raise NotFittedError(
-                "fit(override=False) continues a previous single-process fit; "
-                "there is none (or this fit is distributed, which always starts "
-                "from scratch). Call fit(train_loader)."
+        if not override and group is not None:
+            raise ValueError(
+                "fit(override=False) continues a previous single-process fit; a "
+                "distributed fit always starts from scratch. Call fit(train_loader)."
             )
+        if not override and not self._is_fitted:
+            override = True  # laplace-torch: the first fit starts from the prior
         try:
             empty = len(train_loader) == 0
         except TypeError:  # loaders without __len__ are checked while iterating
@@ -745,6 +841,7 @@ class LoRALaplace:
         A `Likelihood` enum would be pickled as a class reference, which
         ``torch.load(..., weights_only=True)`` refuses.
         """
+        self._check_fitted()
         state = super().state_dict()
         likelihood = state["likelihood"]
         state["likelihood"] = str(getattr(likelihood, "value", likelihood))
@@ -867,6 +964,7 @@ class LoRAKronLaplace(LoRALaplace, KronLaplace):
 
     # key to map to this class in laplace.Laplace: (subset_of_weights, structure)
     _key = ("lora", "kron")
+    _unfitted_is_prior = False  # as KronLaplace: no factors before fit
 
     def __init__(
         self,

@@ -370,11 +370,15 @@ class LoRAInterface(CurvatureInterface):
         return self._jacobian_block(inputs, grads, 1).squeeze(1)
 
     # ------------------------------------------------------------------- K-FAC
-    def _output_gradient_passes(self, f: torch.Tensor, y: torch.Tensor):
+    def _output_gradient_passes(
+        self, f: torch.Tensor, y: torch.Tensor, mc_samples: int | None = None
+    ):
         """Yield `(scalar, weight)` pairs for the output-gradient factor.
 
         Backpropagating each `scalar` gives output gradients whose outer
         products, times `weight`, sum to this curvature's output factor.
+        `mc_samples` overrides the number of sampled labels of a stochastic
+        curvature (laplace-torch passes ``asdl_fisher_kwargs`` through).
         """
         raise NotImplementedError
 
@@ -392,8 +396,9 @@ class LoRAInterface(CurvatureInterface):
         N : int
             Data set size.
         **kwargs
-            ``kfac_approx`` overrides the backend's setting (laplace-torch
-            passes ``asdl_fisher_kwargs`` here); others are ignored.
+            ``kfac_approx`` and ``mc_samples`` (MC Fisher) override the
+            backend's settings (laplace-torch passes ``asdl_fisher_kwargs``
+            here); others are ignored.
 
         Returns
         -------
@@ -414,7 +419,9 @@ class LoRAInterface(CurvatureInterface):
                     self._new_factor(w.out_features) for w in self.lora_weights
                 ]
                 loss = self._loss(f, y)
-                passes = list(self._output_gradient_passes(f, y))
+                passes = list(
+                    self._output_gradient_passes(f, y, kwargs.get("mc_samples"))
+                )
                 for k, (scalar, weight) in enumerate(passes):
 
                     def on_grad(i, g, weight=weight):
@@ -505,16 +512,21 @@ class LoRAGGN(LoRAInterface, GGNInterface):
             **lora_options,
         )
 
-    def _output_gradient_passes(self, f: torch.Tensor, y: torch.Tensor):
+    def _output_gradient_passes(
+        self, f: torch.Tensor, y: torch.Tensor, mc_samples: int | None = None
+    ):
         if self.stochastic:
-            for _ in range(self.num_samples):
+            n = self.num_samples if mc_samples is None else int(mc_samples)
+            if n < 1:
+                raise ValueError(f"mc_samples must be >= 1, got {mc_samples}.")
+            for _ in range(n):
                 with torch.no_grad():
                     if self.likelihood == Likelihood.REGRESSION:
                         # N(y | f, 1/2) is the distribution of MSELoss(sum)
                         y_s = f + math.sqrt(0.5) * torch.randn_like(f)
                     else:
                         y_s = torch.multinomial(f.softmax(-1), 1).squeeze(-1)
-                yield self._loss(f, y_s), 1.0 / self.num_samples
+                yield self._loss(f, y_s), 1.0 / n
             return
         with torch.no_grad():
             sqrt_h = self._loss_hessian_sqrt(f)  # (batch, C, C)
@@ -544,7 +556,9 @@ class LoRAGGN(LoRAInterface, GGNInterface):
                 f = self._forward(x)
                 inputs = self._checked_inputs(rec, f)
                 loss = self._loss(f, y)
-                passes = list(self._output_gradient_passes(f, y))
+                passes = list(
+                    self._output_gradient_passes(f, y, kwargs.get("mc_samples"))
+                )
                 H = f.new_zeros(sum(p.numel() for p in self.params))
                 H = H.to(self.compute_dtype)
                 outputs = list(rec.outputs)
@@ -572,7 +586,9 @@ class LoRAGGN(LoRAInterface, GGNInterface):
 class LoRAEF(LoRAInterface, EFInterface):
     """Empirical Fisher of the LoRA weights (one backward pass per batch)."""
 
-    def _output_gradient_passes(self, f: torch.Tensor, y: torch.Tensor):
+    def _output_gradient_passes(
+        self, f: torch.Tensor, y: torch.Tensor, mc_samples: int | None = None
+    ):
         yield self._loss(f, y), 1.0
 
 

@@ -35,7 +35,25 @@ class LoRAKron(Kron):
     ----------
     kfacs : list[list[torch.Tensor | LowRankFactor]]
         One block per LoRA weight, in parameter order.
+
+    Raises
+    ------
+    ValueError
+        If a dense factor is not a square matrix (e.g. a 1-D diagonal).
     """
+
+    def __init__(self, kfacs: list[list[Factor]]) -> None:
+        for i, block in enumerate(kfacs):
+            for F in block:
+                if isinstance(F, torch.Tensor) and (
+                    F.ndim != 2 or F.shape[0] != F.shape[1]
+                ):
+                    raise ValueError(
+                        f"Block {i}: a dense Kronecker factor must be a square "
+                        f"(d, d) matrix, got shape {tuple(F.shape)}. Pass a "
+                        "diagonal factor as torch.diag(v)."
+                    )
+        super().__init__(kfacs)
 
     @classmethod
     def init_from_shapes(
