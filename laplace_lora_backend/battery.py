@@ -16,7 +16,12 @@ then compared on its test split, with the library's defaults only:
 Ablations from the same fitted posterior and cached Jacobians (for the
 README's comparison): ``LA-rawprobit`` (laplace-torch's probit,
 ``center_logits=False``), ``LA-mc`` (MC link), ``LA-bridge``,
-``LA-layerwise`` (per-tensor marglik priors).
+``LA-layerwise`` (per-tensor marglik priors), ``LA-AB`` (one marglik prior
+precision for all `lora_A`, one for all `lora_B`), ``LA-Ainit`` (`lora_A`
+prior = PEFT's initialisation, variance ``1 / (3 in_features)``; one marglik
+precision for `lora_B`); and from a second fit with K-FAC ``"reduce"`` (one
+sample per sequence instead of per token): ``LA-reduce`` (scalar marglik)
+and ``LA-reduce-layerwise``.
 
 Every run is written to ``runs/<case>_s<seed>.json`` as soon as it is done
 and skipped when it exists, so the battery can be resumed and split over
@@ -47,7 +52,16 @@ __all__ = ["CASES", "BatteryConfig", "Case", "aggregate", "run_battery"]
 
 METRICS = ("acc", "ece", "nll", "brier")
 METHODS = ["MAP", "TS", "LLLA", "LA", "LA-auto", "LA-diag"]
-ABLATIONS = ["LA-rawprobit", "LA-mc", "LA-bridge", "LA-layerwise"]
+ABLATIONS = [
+    "LA-rawprobit",
+    "LA-mc",
+    "LA-bridge",
+    "LA-layerwise",
+    "LA-AB",
+    "LA-Ainit",
+    "LA-reduce",
+    "LA-reduce-layerwise",
+]
 
 
 @dataclass(frozen=True)
@@ -166,6 +180,32 @@ def last_layer_modules(model) -> list[str] | str:
     return rf"\.{max(blocks)}\."
 
 
+def marglik_groups(
+    la, groups: torch.Tensor, fixed: torch.Tensor | None = None, steps: int = 100
+) -> torch.Tensor:
+    """Per-tensor prior precision with one marglik value per group.
+
+    `groups[t]` is the group of LoRA tensor `t`; tensors where `fixed` is not
+    NaN keep that precision. Adam on the log precisions (laplace-torch's
+    settings: 100 steps, lr 0.1).
+    """
+    n = int(groups.max()) + 1
+    log_p = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([log_p], lr=0.1)
+
+    def prior() -> torch.Tensor:
+        p = log_p.exp()[groups]
+        if fixed is not None:
+            p = torch.where(fixed.isnan(), p, fixed.to(p))
+        return p.to(la._dtype)
+
+    for _ in range(steps):
+        opt.zero_grad()
+        (-la.log_marginal_likelihood(prior_precision=prior())).backward()
+        opt.step()
+    return prior().detach()
+
+
 def _evaluate(la, batches, labels, **kwargs) -> dict[str, float]:
     probs = torch.cat([la(jb, **kwargs) for jb, _ in batches])
     return classification_metrics(probs, labels)
@@ -232,6 +272,19 @@ def run_case_seed(cfg: BatteryConfig, case: Case, seed: int, log=print):
             la.optimize_prior_precision(prior_structure="layerwise")
             priors["LA-layerwise"] = la.prior_precision.tolist()
             out["LA-layerwise"] = _evaluate(la, test, labels["test"])
+            is_b = torch.tensor([w.kind == "B" for w in la.lora_weights]).long()
+            la.prior_precision = marglik_groups(la, is_b)
+            priors["LA-AB"] = la.prior_precision.tolist()
+            out["LA-AB"] = _evaluate(la, test, labels["test"])
+            a_init = torch.tensor(
+                [
+                    3.0 * w.in_features if w.kind == "A" else float("nan")
+                    for w in la.lora_weights
+                ]
+            )
+            la.prior_precision = marglik_groups(la, is_b * 0, fixed=a_init)
+            priors["LA-Ainit"] = la.prior_precision.tolist()
+            out["LA-Ainit"] = _evaluate(la, test, labels["test"])
             la.prior_precision = marglik
             la.optimize_prior_precision(method="auto", val_loader=val)
             priors["LA-auto"] = la.prior_choice.to_dict()
@@ -239,6 +292,23 @@ def run_case_seed(cfg: BatteryConfig, case: Case, seed: int, log=print):
         timings[f"{name}_s"] = time.perf_counter() - t0
         log(f"  {name}: {out[name]} ({timings[name + '_s']:.0f} s)")
         del la
+    t0 = time.perf_counter()
+    la = Laplace(
+        model,
+        "classification",
+        subset_of_weights="lora",
+        hessian_structure="kron",
+        backend_kwargs={"kfac_approx": "reduce"},
+    )
+    torch.manual_seed(seed)
+    la.fit(splits["train"])
+    la.optimize_prior_precision()
+    priors["LA-reduce"] = la.prior_precision.tolist()
+    out["LA-reduce"] = _evaluate(la, caches["all"]["test"], labels["test"])
+    la.optimize_prior_precision(prior_structure="layerwise")
+    priors["LA-reduce-layerwise"] = la.prior_precision.tolist()
+    out["LA-reduce-layerwise"] = _evaluate(la, caches["all"]["test"], labels["test"])
+    timings["LA-reduce_s"] = time.perf_counter() - t0
     out["priors"] = priors
     out["timings"] = timings
     return out
