@@ -211,106 +211,135 @@ def _evaluate(la, batches, labels, **kwargs) -> dict[str, float]:
     return classification_metrics(probs, labels)
 
 
-def run_case_seed(cfg: BatteryConfig, case: Case, seed: int, log=print):
-    """Fine-tune one seed of one case and compare every method on its test set."""
+# Laplace objects of a run: name -> (hessian_structure, last layer only, backend_kwargs)
+POSTERIORS = {
+    "LA": ("kron", False, {}),
+    "LA-reduce": ("kron", False, {"kfac_approx": "reduce"}),
+    "LA-diag": ("diag", False, {}),
+    "LLLA": ("kron", True, {}),
+}
+
+
+def _laplace(model, name: str):
     from laplace import Laplace
 
+    structure, last, backend_kwargs = POSTERIORS[name]
+    return Laplace(
+        model,
+        "classification",
+        subset_of_weights="lora",
+        hessian_structure=structure,
+        lora_modules=last_layer_modules(model) if last else None,
+        backend_kwargs=dict(backend_kwargs),
+    )
+
+
+def fit_case_seed(cfg: BatteryConfig, case: Case, seed: int) -> dict[str, Any]:
+    """Fine-tune, fit the posteriors and cache the Jacobians of one run.
+
+    The expensive part; its artifacts are saved by `run_battery` so that
+    `evaluate` can be re-run without a backward pass.
+    """
     data = load_dataset(case.dataset)
     dcfg = _demo_config(cfg, case)
     torch.manual_seed(seed)
     model, tokenizer = build_case_model(cfg, case, data, seed)
     splits = make_splits(dcfg, data, tokenizer, seed)
-    t0 = time.perf_counter()
     timings: dict[str, float] = {}
+    t0 = time.perf_counter()
     train_map(model, splits["train"], dcfg.steps, dcfg.lr, dcfg.weight_decay)
     timings["train_s"] = time.perf_counter() - t0
-    labels = {k: torch.cat([b["labels"] for b in v]) for k, v in splits.items()}
-    val_logits = predict_logits(model, splits["val"])
-    test_logits = predict_logits(model, splits["test"])
-    out: dict[str, Any] = {"seed": seed}
-    out["MAP"] = classification_metrics(test_logits.softmax(-1), labels["test"])
-    out["MAP"]["confidence"] = float(test_logits.softmax(-1).max(-1).values.mean())
-    T = fit_temperature(val_logits, labels["val"])
-    out["TS"] = classification_metrics(
-        (test_logits.double() / T).softmax(-1), labels["test"]
-    )
-    priors: dict[str, Any] = {"TS": {"temperature": T}}
-    caches: dict[str, Any] = {}
-    for name, structure, modules in (
-        ("LA", "kron", None),
-        ("LA-diag", "diag", None),
-        ("LLLA", "kron", last_layer_modules(model)),
-    ):
+    art: dict[str, Any] = {
+        "labels": {k: torch.cat([b["labels"] for b in v]) for k, v in splits.items()},
+        "logits": {s: predict_logits(model, splits[s]) for s in ("val", "test")},
+        "lora": {
+            n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n
+        },
+        "states": {},
+        "jacobians": {},
+    }
+    for name in POSTERIORS:
         t0 = time.perf_counter()
-        la = Laplace(
-            model,
-            "classification",
-            subset_of_weights="lora",
-            hessian_structure=structure,
-            lora_modules=modules,
-        )
+        la = _laplace(model, name)
         torch.manual_seed(seed)
         la.fit(splits["train"])
-        key = "all" if modules is None else "last"
-        if key not in caches:  # the same LoRA weights share their Jacobians
-            caches[key] = {
+        la.prior_precision = 1.0
+        art["states"][name] = la.state_dict()
+        key = "last" if POSTERIORS[name][1] else "all"
+        if key not in art["jacobians"]:  # the same LoRA weights share them
+            art["jacobians"][key] = {
                 s: jacobian_batches(la, splits[s], progress_bar=True, desc=f"{s} J")
                 for s in ("val", "test")
             }
-        val, test = caches[key]["val"], caches[key]["test"]
+        timings[f"{name}_fit_s"] = time.perf_counter() - t0
+        del la
+    art["timings"] = timings
+    return {"model": model, **art}
+
+
+def evaluate(art: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Every method's test metrics from a run's artifacts (no backward pass).
+
+    The Laplace objects are rebuilt on the fine-tuned model from their fitted
+    state, so ``LA`` is exactly ``Laplace(...)``, ``fit``,
+    ``optimize_prior_precision()``, ``la(x)``: the library's defaults.
+    """
+    model, labels, logits = art["model"], art["labels"], art["logits"]
+    y = labels["test"]
+    out: dict[str, Any] = {"seed": seed}
+    out["MAP"] = classification_metrics(logits["test"].softmax(-1), y)
+    out["MAP"]["confidence"] = float(logits["test"].softmax(-1).max(-1).values.mean())
+    T = fit_temperature(logits["val"], labels["val"])
+    out["TS"] = classification_metrics((logits["test"].double() / T).softmax(-1), y)
+    priors: dict[str, Any] = {"TS": {"temperature": T}}
+
+    def posterior(name):
+        la = _laplace(model, name)
+        la.load_state_dict(art["states"][name])
+        key = "last" if POSTERIORS[name][1] else "all"
+        return la, art["jacobians"][key]["val"], art["jacobians"][key]["test"]
+
+    for name in ("LA-diag", "LLLA", "LA-reduce"):
+        la, _, test = posterior(name)
         la.optimize_prior_precision()
         priors[name] = la.prior_precision.tolist()
-        out[name] = _evaluate(la, test, labels["test"])
-        if name == "LA":
-            marglik = la.prior_precision.clone()
-            la.center_logits = False
-            out["LA-rawprobit"] = _evaluate(la, test, labels["test"])
-            la.center_logits = True
-            torch.manual_seed(seed)
-            out["LA-mc"] = _evaluate(la, test, labels["test"], link_approx="mc")
-            out["LA-bridge"] = _evaluate(la, test, labels["test"], link_approx="bridge")
-            la.optimize_prior_precision(prior_structure="layerwise")
-            priors["LA-layerwise"] = la.prior_precision.tolist()
-            out["LA-layerwise"] = _evaluate(la, test, labels["test"])
-            is_b = torch.tensor([w.kind == "B" for w in la.lora_weights]).long()
-            la.prior_precision = marglik_groups(la, is_b)
-            priors["LA-AB"] = la.prior_precision.tolist()
-            out["LA-AB"] = _evaluate(la, test, labels["test"])
-            a_init = torch.tensor(
-                [
-                    3.0 * w.in_features if w.kind == "A" else float("nan")
-                    for w in la.lora_weights
-                ]
-            )
-            la.prior_precision = marglik_groups(la, is_b * 0, fixed=a_init)
-            priors["LA-Ainit"] = la.prior_precision.tolist()
-            out["LA-Ainit"] = _evaluate(la, test, labels["test"])
-            la.prior_precision = marglik
-            la.optimize_prior_precision(method="auto", val_loader=val)
-            priors["LA-auto"] = la.prior_choice.to_dict()
-            out["LA-auto"] = _evaluate(la, test, labels["test"])
-        timings[f"{name}_s"] = time.perf_counter() - t0
-        log(f"  {name}: {out[name]} ({timings[name + '_s']:.0f} s)")
-        del la
-    t0 = time.perf_counter()
-    la = Laplace(
-        model,
-        "classification",
-        subset_of_weights="lora",
-        hessian_structure="kron",
-        backend_kwargs={"kfac_approx": "reduce"},
-    )
-    torch.manual_seed(seed)
-    la.fit(splits["train"])
-    la.optimize_prior_precision()
-    priors["LA-reduce"] = la.prior_precision.tolist()
-    out["LA-reduce"] = _evaluate(la, caches["all"]["test"], labels["test"])
+        out[name] = _evaluate(la, test, y)
+    la, _, test = posterior("LA-reduce")
     la.optimize_prior_precision(prior_structure="layerwise")
+    out["LA-reduce-layerwise"] = _evaluate(la, test, y)
     priors["LA-reduce-layerwise"] = la.prior_precision.tolist()
-    out["LA-reduce-layerwise"] = _evaluate(la, caches["all"]["test"], labels["test"])
-    timings["LA-reduce_s"] = time.perf_counter() - t0
+
+    la, val, test = posterior("LA")
+    la.optimize_prior_precision()
+    priors["LA"] = la.prior_precision.tolist()
+    out["LA"] = _evaluate(la, test, y)
+    la.center_logits = False
+    out["LA-rawprobit"] = _evaluate(la, test, y)
+    la.center_logits = True
+    torch.manual_seed(seed)
+    out["LA-mc"] = _evaluate(la, test, y, link_approx="mc")
+    out["LA-bridge"] = _evaluate(la, test, y, link_approx="bridge")
+    la.optimize_prior_precision(method="auto", val_loader=val)
+    priors["LA-auto"] = la.prior_choice.to_dict()
+    out["LA-auto"] = _evaluate(la, test, y)
+    la.optimize_prior_precision(prior_structure="layerwise")
+    priors["LA-layerwise"] = la.prior_precision.tolist()
+    out["LA-layerwise"] = _evaluate(la, test, y)
+    is_b = torch.tensor([w.kind == "B" for w in la.lora_weights]).long()
+    la.prior_precision = marglik_groups(la, is_b)
+    priors["LA-AB"] = la.prior_precision.tolist()
+    out["LA-AB"] = _evaluate(la, test, y)
+    a_init = torch.tensor(
+        [
+            3.0 * w.in_features if w.kind == "A" else float("nan")
+            for w in la.lora_weights
+        ]
+    )
+    la.prior_precision = marglik_groups(la, is_b * 0, fixed=a_init)
+    priors["LA-Ainit"] = la.prior_precision.tolist()
+    out["LA-Ainit"] = _evaluate(la, test, y)
     out["priors"] = priors
-    out["timings"] = timings
+    out["timings"] = dict(art["timings"])
     return out
 
 
@@ -427,25 +456,60 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _artifact_path(cfg: BatteryConfig, case: Case, seed: int) -> Path:
+    return Path(cfg.output) / "artifacts" / f"{case.name}_s{seed}.pt"
+
+
+def load_artifacts(cfg: BatteryConfig, case: Case, seed: int) -> dict[str, Any]:
+    """A run's saved artifacts, with the fine-tuned model rebuilt."""
+    art = torch.load(_artifact_path(cfg, case, seed), weights_only=False)
+    data = load_dataset(case.dataset)
+    model, _ = build_case_model(cfg, case, data, seed)
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for n, v in art["lora"].items():
+            params[n].copy_(v)
+    return {"model": model, **art}
+
+
 def run_battery(
     cfg: BatteryConfig,
     cases: list[Case] = CASES,
     shard: tuple[int, int] = (0, 1),
     log=print,
+    reevaluate: bool = False,
 ) -> None:
-    """Run every (case, seed) of this shard that has no run file yet."""
+    """Run every (case, seed) of this shard that has no run file yet.
+
+    Each run saves its artifacts (fine-tuned LoRA weights, fitted posterior
+    states, validation / test Jacobians; ``artifacts/``, not committed) and
+    its metrics (``runs/``). With `reevaluate`, the metrics of every run with
+    artifacts are recomputed from them (after a change of the library's
+    prior or predictive), without fine-tuning, fitting or Jacobians.
+    """
     torch.set_num_threads(cfg.threads)
     runs_dir = Path(cfg.output) / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     todo = [(c, s) for c in cases for s in cfg.seeds]
     for i, (case, seed) in enumerate(todo):
         path = runs_dir / f"{case.name}_s{seed}.json"
-        if i % shard[1] != shard[0] or path.exists():
+        art_path = _artifact_path(cfg, case, seed)
+        if i % shard[1] != shard[0]:
             continue
-        log(f"== {case.name} seed {seed}")
         t0 = time.perf_counter()
-        record = run_case_seed(cfg, case, seed, log)
+        if reevaluate and art_path.exists():
+            log(f"== {case.name} seed {seed}: re-evaluating")
+            record = evaluate(load_artifacts(cfg, case, seed), seed)
+        elif path.exists():
+            continue
+        else:
+            log(f"== {case.name} seed {seed}")
+            art = fit_case_seed(cfg, case, seed)
+            art_path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({k: v for k, v in art.items() if k != "model"}, art_path)
+            record = evaluate(art, seed)
         record["seconds"] = time.perf_counter() - t0
+        log(f"  LA {record['LA']}, MAP {record['MAP']}")
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=1))
         tmp.rename(path)

@@ -111,6 +111,12 @@ def _calibrate_args(parser: argparse.ArgumentParser) -> None:
         help="small sizes (smoke test with --model tiny)",
     )
     parser.add_argument(
+        "--reevaluate",
+        action="store_true",
+        help="recompute every run's metrics from its saved artifacts (no "
+        "fine-tuning, fitting or Jacobians)",
+    )
+    parser.add_argument(
         "--aggregate-only",
         action="store_true",
         help="only write the summary from existing run files",
@@ -142,7 +148,7 @@ def _calibrate(args: argparse.Namespace) -> None:
         cases = [type(c)(c.dataset, c.targets, 24) for c in cases]
     i, n = (int(v) for v in args.shard.split("/"))
     if not args.aggregate_only:
-        run_battery(cfg, cases, (i, n))
+        run_battery(cfg, cases, (i, n), reevaluate=args.reevaluate)
     if i == 0 or args.aggregate_only:
         aggregate(cfg, cases)
 
