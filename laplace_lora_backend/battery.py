@@ -42,11 +42,23 @@ from typing import Any
 
 import torch
 
-from laplace_lora_backend.demo import DemoConfig, fit_temperature, make_splits
+from laplace_lora_backend.curvature.discovery import lora_layer_names
+from laplace_lora_backend.demo import (
+    DemoConfig,
+    fit_temperature,
+    make_splits,
+    tiny_model_and_tokenizer,
+)
 from laplace_lora_backend.glm import jacobian_batches
+from laplace_lora_backend.llm.answer_tokens import (
+    AnswerTokenClassifier,
+    answer_token_ids,
+    trim_lm_head,
+)
 from laplace_lora_backend.llm.data import load_dataset
 from laplace_lora_backend.llm.finetune import predict_logits, train_map
 from laplace_lora_backend.llm.metrics import classification_metrics
+from laplace_lora_backend.llm.smollm2 import load_smollm2
 
 __all__ = ["CASES", "BatteryConfig", "Case", "aggregate", "run_battery"]
 
@@ -139,16 +151,8 @@ def build_case_model(cfg: BatteryConfig, case: Case, data, seed: int):
     """LoRA answer-token classifier with the case's placement."""
     from peft import LoraConfig, get_peft_model
 
-    from laplace_lora_backend.demo import _tiny_model_and_tokenizer
-    from laplace_lora_backend.llm.answer_tokens import (
-        AnswerTokenClassifier,
-        answer_token_ids,
-        trim_lm_head,
-    )
-    from laplace_lora_backend.llm.smollm2 import load_smollm2
-
     if cfg.model == "tiny":
-        lm, tokenizer = _tiny_model_and_tokenizer(data, seed)
+        lm, tokenizer = tiny_model_and_tokenizer(data, seed)
         answers = [a.strip() for a in data.answers]
     else:
         lm, tokenizer = load_smollm2()
@@ -171,8 +175,6 @@ def last_layer_modules(model) -> list[str] | str:
     ``lm_head`` if it has LoRA, else the LoRA layers of the last transformer
     block (a regex).
     """
-    from laplace_lora_backend.curvature.discovery import lora_layer_names
-
     names = lora_layer_names(model)
     if any(n.endswith("lm_head") for n in names):
         return ["lm_head"]

@@ -34,10 +34,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from laplace_lora_backend import LoRAEF, LoRAGGN
 from laplace_lora_backend.glm import jacobian_batches
+from laplace_lora_backend.llm.answer_tokens import (
+    AnswerTokenClassifier,
+    answer_token_ids,
+    trim_lm_head,
+)
 from laplace_lora_backend.llm.data import TextDataset, load_dataset, tokenize_prompts
 from laplace_lora_backend.llm.finetune import predict_logits, train_map
 from laplace_lora_backend.llm.metrics import classification_metrics, reliability_bins
+from laplace_lora_backend.llm.smollm2 import load_smollm2
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -88,7 +95,7 @@ class DemoConfig:
 
 
 # ----------------------------------------------------------------- the model
-def _tiny_model_and_tokenizer(data: TextDataset, seed: int):
+def tiny_model_and_tokenizer(data: TextDataset, seed: int):
     """Random-init tiny Llama and a word-level tokenizer of the data (CI)."""
     from collections import Counter
 
@@ -128,18 +135,10 @@ def build_model(cfg: DemoConfig, data: TextDataset, seed: int):
     """LoRA classifier over the data set's answer tokens, and its tokenizer."""
     from peft import LoraConfig, get_peft_model
 
-    from laplace_lora_backend.llm.answer_tokens import (
-        AnswerTokenClassifier,
-        answer_token_ids,
-        trim_lm_head,
-    )
-
     if cfg.model == "tiny":
-        lm, tokenizer = _tiny_model_and_tokenizer(data, seed)
+        lm, tokenizer = tiny_model_and_tokenizer(data, seed)
         answers = [a.strip() for a in data.answers]
     elif cfg.model == "smollm2":
-        from laplace_lora_backend.llm.smollm2 import load_smollm2
-
         lm, tokenizer = load_smollm2()
         answers = data.answers
     else:
@@ -253,8 +252,6 @@ def tune_prior(la, val, mode: str = "auto") -> dict[str, Any]:
 # ------------------------------------------------------------------- one run
 def run_seed(cfg: DemoConfig, data: TextDataset, seed: int, log) -> dict[str, Any]:
     from laplace import Laplace
-
-    from laplace_lora_backend import LoRAEF, LoRAGGN
 
     torch.manual_seed(seed)
     model, tokenizer = build_model(cfg, data, seed)

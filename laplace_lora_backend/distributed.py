@@ -30,22 +30,22 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.utils import parameters_to_vector
 
+from laplace_lora_backend.errors import DistributedFitError
 from laplace_lora_backend.matrix.lowrank import LowRankFactor
+from laplace_lora_backend.validation import first_difference, signature
 
 __all__ = [
     "DistributedFitError",
     "RankReport",
+    "combine_ranks",
     "active_group",
     "gather_reports",
     "check_reports",
     "reduce_tensor",
     "reduce_factor",
 ]
-
-
-class DistributedFitError(ValueError):
-    """The ranks of a distributed fit disagree, or one of them failed."""
 
 
 @dataclass
@@ -126,7 +126,7 @@ def check_reports(reports: list[RankReport], my_rank: int) -> None:
     ref = reports[0]
     for r in reports[1:]:
         if r.signature != ref.signature:
-            diff = _first_difference(ref.signature, r.signature)
+            diff = first_difference(ref.signature, r.signature)
             raise DistributedFitError(
                 f"Ranks {ref.rank} and {r.rank} have different LoRA weights "
                 f"({diff}). Every rank must hold the same PEFT model and adapter, "
@@ -144,15 +144,6 @@ def check_reports(reports: list[RankReport], my_rank: int) -> None:
             )
     if all(r.n_seen == 0 for r in reports):
         raise DistributedFitError("Every rank's train_loader is empty: nothing to fit.")
-
-
-def _first_difference(a: list, b: list) -> str:
-    for i in range(max(len(a), len(b))):
-        x = a[i] if i < len(a) else None
-        y = b[i] if i < len(b) else None
-        if x != y:
-            return f"weight {i}: {x} vs {y}"
-    return "same weights"
 
 
 def reduce_tensor(t: torch.Tensor, group: Any) -> torch.Tensor:
@@ -180,3 +171,56 @@ def reduce_factor(F: Any, scale: float, group: Any) -> Any:
             merged = part if merged is None else merged.merge(part)
         return merged
     return reduce_tensor(F * scale, group)
+
+
+def combine_ranks(
+    la: Any, group: Any, loader: Any, empty: bool, error: Exception | None
+) -> None:
+    """Sum the ranks' curvature so that every rank holds the union's posterior.
+
+    Parameters
+    ----------
+    la : LoRALaplace
+        This rank's object after its local fit (or its failed / empty fit).
+    group : torch.distributed.ProcessGroup
+    loader : Iterable
+        This rank's training loader (``len(loader.dataset)`` is the data set
+        size the input factors were divided by).
+    empty : bool
+        This rank's shard was empty.
+    error : Exception or None
+        The error this rank's fit raised; every rank then raises.
+
+    Raises
+    ------
+    DistributedFitError
+        On every rank, if one rank failed or the ranks' LoRA weights differ.
+    """
+    rank = dist.get_rank(group)
+    with torch.no_grad():
+        theta = parameters_to_vector(la.params).double()
+    try:
+        n_declared = len(loader.dataset)
+    except (AttributeError, TypeError):
+        n_declared = la._n_seen
+    report = RankReport(
+        rank=rank,
+        signature=signature(la.lora_weights),
+        checksum=(float(theta.sum()), float(theta.square().sum())),
+        n_seen=0 if empty or error else la._n_seen,
+        n_declared=n_declared,
+        n_outputs=None if empty or error else la.n_outputs,
+        error=None if error is None else f"{type(error).__name__}: {error}",
+    )
+    reports = gather_reports(report, group)
+    try:
+        check_reports(reports, rank)
+    except DistributedFitError as err:
+        raise err from error
+    if empty:
+        la._init_empty_fit(next(r.n_outputs for r in reports if r.n_outputs))
+    n_total = sum(r.n_seen for r in reports)
+    la._reduce_curvature(group, n_declared / n_total)
+    loss = torch.as_tensor(la.loss, dtype=la._dtype, device=la._device)
+    la.loss = reduce_tensor(loss, group)
+    la.n_data = n_total

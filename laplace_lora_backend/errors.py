@@ -14,6 +14,7 @@ __all__ = [
     "LoRAAdaptersChangedError",
     "AdapterMismatchError",
     "BatchKeyError",
+    "DistributedFitError",
 ]
 
 
@@ -64,3 +65,7 @@ class BatchKeyError(KeyError, ValueError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class DistributedFitError(ValueError):
+    """The ranks of a distributed fit disagree, or one of them failed."""

@@ -40,6 +40,9 @@ class HFLogitsModel(nn.Module):
         Batch keys not passed to the model (so it computes no loss).
     """
 
+    # LoRALaplace requires `dict_key_x` in a batch dict when predicting
+    reads_dict_key_x = True
+
     def __init__(self, model: nn.Module, drop_keys: Iterable[str] = ("labels",)):
         super().__init__()
         self.model = model

@@ -16,16 +16,24 @@ predictive is MAP's) and warn.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from laplace.utils import Likelihood, LinkApprox, PredType, PriorStructure, TuningMethod
 from torch.nn import functional as F
 
-from laplace_lora_backend.glm import JacobianBatch
+from laplace_lora_backend.glm import JacobianBatch, jacobian_batches
 
-__all__ = ["PriorChoice", "grid_search", "map_loss", "score", "tune_auto"]
+__all__ = [
+    "PriorChoice",
+    "PriorTuning",
+    "grid_search",
+    "map_loss",
+    "score",
+    "tune_auto",
+]
 
 # "posterior switched off": the predictive equals MAP's to float precision
 POSTERIOR_OFF = 1e8
@@ -225,3 +233,141 @@ def tune_auto(
     la.prior_precision = prior
     choice.prior_precision = prior.tolist()
     return choice
+
+
+def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (out - y.reshape(out.shape)).square().mean()
+
+
+class PriorTuning:
+    """`optimize_prior_precision` of `LoRALaplace`.
+
+    Mixed in ahead of laplace-torch's class: ``"marglik"`` and the sampling
+    predictive's ``"gridsearch"`` are laplace-torch's own.
+    """
+
+    def optimize_prior_precision(
+        self,
+        pred_type: PredType | str = PredType.GLM,
+        method: TuningMethod | str = TuningMethod.MARGLIK,
+        n_steps: int = 100,
+        lr: float = 1e-1,
+        init_prior_prec: float | torch.Tensor = 1.0,
+        prior_structure: PriorStructure | str = PriorStructure.SCALAR,
+        val_loader: Iterable | None = None,
+        loss: Any = None,
+        log_prior_prec_min: float = -4,
+        log_prior_prec_max: float = 4,
+        grid_size: int = 100,
+        link_approx: LinkApprox | str = LinkApprox.PROBIT,
+        n_samples: int = 100,
+        verbose: bool = False,
+        progress_bar: bool = False,
+        log_prior_prec_base: float = 10.0,
+    ) -> None:
+        """Tune the prior precision (laplace-torch's arguments, plus ``"auto"``).
+
+        ``method="marglik"`` is laplace-torch's. ``method="gridsearch"`` with
+        the GLM predictive scores the grid on validation Jacobians computed
+        once (`laplace_lora_backend.glm`), with a fresh loss per grid point;
+        the grid and the choice (lowest validation loss) are laplace-torch's.
+        ``method="auto"`` needs `val_loader`: marglik, kept if its validation
+        loss is not worse than MAP's; else the grid point with the lowest
+        validation loss, where the grid scales the marglik prior precision by
+        ``log_prior_prec_base ** linspace(min, max, grid_size)`` (keeping its
+        structure); if no point beats MAP, the posterior is switched off
+        (the MAP predictive) with a warning. The choice is kept in
+        `prior_choice` (a `PriorChoice`).
+
+        Parameters
+        ----------
+        pred_type, method, n_steps, lr, init_prior_prec, prior_structure
+            See `laplace.ParametricLaplace.optimize_prior_precision`; `method`
+            also takes ``"auto"``.
+        val_loader : Iterable, optional
+            Labelled validation batches (``"gridsearch"`` and ``"auto"``).
+        loss : callable or torchmetrics.Metric, optional
+            Validation loss ``loss(predictions, targets)``; default: NLL for
+            classification, mean squared error for regression.
+        log_prior_prec_min, log_prior_prec_max, grid_size, log_prior_prec_base
+            The grid.
+        link_approx, n_samples
+            The predictive scored on validation data.
+        verbose, progress_bar : bool
+
+        Raises
+        ------
+        ValueError
+            Unknown `method`, or ``"gridsearch"`` / ``"auto"`` without
+            `val_loader`.
+        """
+        self._check_fitted()
+        method = str(getattr(method, "value", method))
+        if method not in ("marglik", "gridsearch", "auto"):
+            raise ValueError(
+                f"Unknown method {method!r}: use 'marglik', 'gridsearch' or 'auto'."
+            )
+        cached = str(getattr(pred_type, "value", pred_type)) == PredType.GLM
+        if method == "marglik" or (method == "gridsearch" and not cached):
+            self.prior_choice = None
+            return super().optimize_prior_precision(
+                pred_type,
+                method,
+                n_steps,
+                lr,
+                init_prior_prec,
+                prior_structure,
+                val_loader,
+                loss,
+                log_prior_prec_min,
+                log_prior_prec_max,
+                grid_size,
+                link_approx,
+                n_samples,
+                verbose,
+                progress_bar,
+                log_prior_prec_base=log_prior_prec_base,
+            )
+        if val_loader is None:
+            raise ValueError(
+                f"method={method!r} needs labelled validation data: pass "
+                "val_loader=... (batches like the training loader's), or use "
+                "method='marglik'."
+            )
+        if not cached:
+            raise ValueError(
+                "method='auto' scores the GLM predictive: use pred_type='glm'."
+            )
+        if loss is None:
+            loss = nll if self.likelihood == Likelihood.CLASSIFICATION else _mse
+        batches = jacobian_batches(
+            self, val_loader, self.dict_key_y, progress_bar, "[Validation Jacobians]"
+        )
+        scales = torch.logspace(
+            log_prior_prec_min, log_prior_prec_max, grid_size, base=log_prior_prec_base
+        )
+        if method == "gridsearch":
+            best, _ = grid_search(
+                self, batches, list(scales), loss, link_approx, n_samples
+            )
+            self.prior_precision = scales[best]
+            self.prior_choice = None
+        else:
+
+            def marglik() -> None:
+                PriorTuning.optimize_prior_precision(
+                    self,
+                    pred_type,
+                    "marglik",
+                    n_steps,
+                    lr,
+                    init_prior_prec,
+                    prior_structure,
+                    progress_bar=progress_bar,
+                )
+
+            self.prior_choice = tune_auto(
+                self, batches, marglik, scales.tolist(), loss, link_approx, n_samples
+            )
+        if verbose:
+            print(f"Optimized prior precision is {self.prior_precision}.")

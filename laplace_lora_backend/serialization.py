@@ -43,11 +43,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 
-import laplace_lora_backend
+from laplace_lora_backend._version import __version__
 from laplace_lora_backend.curvature.discovery import find_lora_weights
 from laplace_lora_backend.errors import AdapterMismatchError
 from laplace_lora_backend.hf_models import as_logits_model
-from laplace_lora_backend.loralaplace import LoRALaplace
 
 __all__ = [
     "AdapterMismatchError",
@@ -66,13 +65,6 @@ FORMAT_VERSION = 1
 
 # backend classes are re-imported by name only from these packages
 _TRUSTED_BACKEND_PACKAGES = ("laplace_lora_backend", "laplace")
-# settings that LoRALaplace copies into a LoRA backend's kwargs itself
-_LORA_BACKEND_OPTIONS = (
-    "lora_modules",
-    "lowrank_threshold",
-    "lowrank_rank",
-    "lowrank_residual",
-)
 
 
 class _NotSerialisable(TypeError):
@@ -80,7 +72,7 @@ class _NotSerialisable(TypeError):
 
 
 # --------------------------------------------------------------------- save
-def save_posterior(la: LoRALaplace, directory: str | os.PathLike) -> None:
+def save_posterior(la: Any, directory: str | os.PathLike) -> None:
     """Write a fitted LoRA Laplace posterior to `directory`.
 
     Parameters
@@ -104,18 +96,18 @@ def save_posterior(la: LoRALaplace, directory: str | os.PathLike) -> None:
     holding an object, a backend class outside laplace / laplace_lora_backend)
     are listed under ``"omitted"`` in the JSON; pass them to `load_posterior`.
     """
-    if not isinstance(la, LoRALaplace):
+    if not callable(getattr(la, "constructor_settings", None)):
         raise TypeError(
             f"save_posterior expects a LoRA Laplace object (subset_of_weights='lora'), "
             f"got {type(la).__name__}."
         )
     tensors: dict[str, torch.Tensor] = {}
     state_tree = _flatten(la.state_dict(), [], tensors)
-    settings, omitted = _constructor_settings(la)
+    settings, omitted = _encode_settings(la.constructor_settings())
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "laplace_lora_backend_version": laplace_lora_backend.__version__,
+        "laplace_lora_backend_version": __version__,
         "class": type(la).__name__,
         "key": list(type(la)._key),
         "likelihood": _plain(la.likelihood),
@@ -233,45 +225,38 @@ def _decode_lora_modules(value: Any) -> Any:
     return value
 
 
-def _constructor_settings(la: LoRALaplace) -> tuple[dict[str, Any], list[str]]:
-    """Keyword arguments that rebuild `la`'s class (JSON), and those left out."""
-    settings: dict[str, Any] = {
-        "temperature": la.temperature,
-        "enable_backprop": la.enable_backprop,
-        "dict_key_x": la.dict_key_x,
-        "dict_key_y": la.dict_key_y,
-        "center_logits": la.center_logits,
-    }
-    omitted: list[str] = []
-    if hasattr(la, "damping"):
-        settings["damping"] = la.damping
-    settings.update(getattr(la, "_lowrank_options", {}))
-    try:
-        settings["lora_modules"] = _encode_lora_modules(la.lora_modules)
-    except _NotSerialisable:
-        omitted.append("lora_modules")
+def _encode_settings(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """JSON form of constructor settings (`LoRALaplace.constructor_settings`).
 
-    backend = la._backend_cls
-    if backend.__module__.split(".")[0] in _TRUSTED_BACKEND_PACKAGES:
-        settings["backend"] = f"{backend.__module__}:{backend.__qualname__}"
-    else:
-        omitted.append("backend")
-    backend_kwargs = {}
-    for key, value in la._backend_kwargs.items():
-        if key in _LORA_BACKEND_OPTIONS:  # LoRALaplace sets them from the above
-            continue
-        try:
-            backend_kwargs[key] = _plain(value)
-        except _NotSerialisable:
-            omitted.append(f"backend_kwargs.{key}")
-    settings["backend_kwargs"] = backend_kwargs
-    asdl = getattr(la, "_asdl_fisher_kwargs", None)
-    if asdl:
-        try:
-            settings["asdl_fisher_kwargs"] = _plain(asdl)
-        except _NotSerialisable:
-            omitted.append("asdl_fisher_kwargs")
-    return {k: _plain(v) for k, v in settings.items()}, omitted
+    Returns the settings and the names of those that cannot be written (a
+    backend class outside laplace / laplace_lora_backend, kwargs holding
+    objects): they must be passed again to `load_posterior`.
+    """
+    settings: dict[str, Any] = {}
+    omitted: list[str] = []
+    for key, value in raw.items():
+        if key == "lora_modules":
+            try:
+                settings[key] = _encode_lora_modules(value)
+            except _NotSerialisable:
+                omitted.append(key)
+        elif key == "backend":
+            if value.__module__.split(".")[0] in _TRUSTED_BACKEND_PACKAGES:
+                settings[key] = f"{value.__module__}:{value.__qualname__}"
+            else:
+                omitted.append(key)
+        elif key in ("backend_kwargs", "asdl_fisher_kwargs"):
+            encoded = {}
+            for k, v in (value or {}).items():
+                try:
+                    encoded[k] = _plain(v)
+                except _NotSerialisable:
+                    omitted.append(f"{key}.{k}")
+            if encoded or key == "backend_kwargs":
+                settings[key] = encoded
+        else:
+            settings[key] = _plain(value)
+    return settings, omitted
 
 
 # --------------------------------------------------------------------- load
@@ -315,7 +300,7 @@ def read_posterior_config(directory: str | os.PathLike) -> dict[str, Any]:
 
 def load_posterior(
     directory: str | os.PathLike, model: nn.Module, **laplace_kwargs: Any
-) -> LoRALaplace:
+) -> Any:
     """Rebuild a posterior saved by `save_posterior` on `model`.
 
     Parameters

@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import nn
 
+import laplace_lora_backend  # noqa: F401  (registers "lora")
+
 __all__ = ["Contender", "CONTENDERS", "REFERENCE", "contender"]
 
 
@@ -40,8 +42,6 @@ def _ours(structure: str, **kwargs: Any) -> Callable[[nn.Module], Any]:
     def build(model: nn.Module) -> Any:
         from laplace import Laplace
 
-        import laplace_lora_backend  # noqa: F401  (registers "lora")
-
         # laplace-torch's probit (center_logits=False): predictives comparable
         return Laplace(
             model,
@@ -59,7 +59,6 @@ def _ours_backend(
     backend: str, backend_kwargs: dict | None = None, **kwargs: Any
 ) -> Callable[[nn.Module], Any]:
     def build(model: nn.Module) -> Any:
-        import laplace_lora_backend
 
         return _ours(
             "kron",

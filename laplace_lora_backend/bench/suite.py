@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+import laplace_lora_backend  # noqa: F401
 from laplace_lora_backend.bench.contenders import CONTENDERS, REFERENCE, contender
 from laplace_lora_backend.bench.measure import (
     PeakMemory,
@@ -289,8 +290,6 @@ def section_widths(
 # ----------------------------------------------------------------- outputs
 def _fitted_many_outputs(C: int, device: str = "cpu"):
     from laplace import Laplace
-
-    import laplace_lora_backend  # noqa: F401
 
     wl = many_outputs(C).to(device)
     la = Laplace(

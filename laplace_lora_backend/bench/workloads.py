@@ -13,6 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from laplace_lora_backend.llm.answer_tokens import (
+    AnswerTokenClassifier,
+    answer_token_ids,
+    trim_lm_head,
+)
+from laplace_lora_backend.llm.data import load_dataset, tokenize_prompts
+from laplace_lora_backend.llm.smollm2 import load_smollm2
+
 __all__ = ["Workload", "tiny_lm", "smollm2", "wide_layer", "many_outputs"]
 
 Batch = dict[str, torch.Tensor]
@@ -93,8 +101,6 @@ def tiny_lm(
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    from laplace_lora_backend.llm.answer_tokens import AnswerTokenClassifier
-
     torch.manual_seed(seed)
     if arch == "llama":
         cfg = LlamaConfig(
@@ -136,14 +142,6 @@ def tiny_lm(
 def smollm2(n: int = 64, max_length: int = 48, batch_size: int = 8) -> Workload:
     """SmolLM2-135M-Instruct, LoRA on q, v and the trimmed lm_head, drug reviews."""
     from peft import LoraConfig, get_peft_model
-
-    from laplace_lora_backend.llm.answer_tokens import (
-        AnswerTokenClassifier,
-        answer_token_ids,
-        trim_lm_head,
-    )
-    from laplace_lora_backend.llm.data import load_dataset, tokenize_prompts
-    from laplace_lora_backend.llm.smollm2 import load_smollm2
 
     data = load_dataset("drugreview")
     lm, tokenizer = load_smollm2()

@@ -148,6 +148,9 @@ class AnswerTokenClassifier(nn.Module):
     these answers, its outputs are the class logits directly.
     """
 
+    # LoRALaplace requires `dict_key_x` in a batch dict when predicting
+    reads_dict_key_x = True
+
     def __init__(
         self,
         model: nn.Module,

@@ -1,0 +1,168 @@
+"""Input checks of the LoRA Laplace classes, as functions of explicit arguments.
+
+Batch keys and targets (checked per batch while laplace-torch iterates the
+loader), the LoRA weights a posterior is over (names and shapes, compared
+between fit and predict), and finiteness of fitted curvature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
+from typing import Any
+
+import torch
+
+from laplace_lora_backend.curvature.checks import check_targets, first_non_finite
+from laplace_lora_backend.curvature.discovery import LoRAWeight
+from laplace_lora_backend.errors import (
+    BatchKeyError,
+    LoRAAdaptersChangedError,
+    NonFiniteError,
+)
+
+__all__ = [
+    "CheckedLoader",
+    "Signature",
+    "check_batch_keys",
+    "check_curvature_finite",
+    "check_same_weights",
+    "checked_batches",
+    "first_difference",
+    "signature",
+]
+
+Signature = list[tuple[str, tuple[int, ...]]]
+
+
+def signature(weights: Sequence[LoRAWeight]) -> Signature:
+    """Names and shapes of LoRA weights, in order (what a posterior is over)."""
+    return [(w.name, tuple(w.param.shape)) for w in weights]
+
+
+def first_difference(before: Signature, after: Signature) -> str | None:
+    """The first weight whose shape differs (or that is absent), else None.
+
+    ``"'name' (8, 64) before, None now"``; if only the order differs, says so.
+    """
+    if before == after:
+        return None
+    a, b = dict(before), dict(after)
+    return next(
+        (
+            f"'{n}' {a.get(n)} before, {b.get(n)} now"
+            for n in list(a) + list(b)
+            if a.get(n) != b.get(n)
+        ),
+        "the order of the LoRA weights changed",
+    )
+
+
+def check_same_weights(fitted: Signature, now: Callable[[], Signature]) -> None:
+    """Raise `LoRAAdaptersChangedError` if the model's LoRA weights changed.
+
+    Parameters
+    ----------
+    fitted : Signature
+        The weights at fit.
+    now : callable
+        Finds the model's weights now (may raise `ValueError`, e.g. no LoRA
+        layer left after merging).
+    """
+    try:
+        current = now()
+    except ValueError as err:
+        raise LoRAAdaptersChangedError(
+            f"The model's LoRA adapters changed since fit: {err}"
+        ) from err
+    diff = first_difference(fitted, current)
+    if diff is not None:
+        raise LoRAAdaptersChangedError(
+            "The model's LoRA weights are not those the posterior was fitted on "
+            f"(first difference: {diff.replace('before', 'at fit')}; None = "
+            "absent). Re-activate the adapter used at fit (model.set_adapter), "
+            "or call fit again."
+        )
+
+
+def check_batch_keys(x: Any, keys: Sequence[str]) -> None:
+    """Raise `BatchKeyError` if dict batch `x` lacks one of `keys`."""
+    if not isinstance(x, MutableMapping):
+        return
+    missing = [k for k in keys if k not in x]
+    if missing:
+        raise BatchKeyError(
+            f"The batch dict has no key(s) {missing} (keys: {sorted(x)}). Set "
+            "dict_key_x / dict_key_y when creating the Laplace object, e.g. "
+            "Laplace(..., dict_key_x='input_ids', dict_key_y='labels')."
+        )
+
+
+def checked_batches(
+    loader: Iterable,
+    dict_key_y: str,
+    n_outputs: Callable[[], int | None],
+    likelihood: str,
+) -> Iterator[Any]:
+    """Iterate `loader`, checking the keys and targets of every batch.
+
+    Raises
+    ------
+    TypeError
+        A batch that is neither an `(X, y)` pair nor a dict.
+    ValueError
+        Missing `dict_key_y`, or targets that do not fit the likelihood.
+    """
+    for data in loader:
+        if isinstance(data, MutableMapping):
+            check_batch_keys(data, [dict_key_y])
+            y = data[dict_key_y]
+        elif isinstance(data, Sequence) and len(data) == 2:
+            y = data[1]
+        else:
+            raise TypeError(
+                "The loader must yield (X, y) pairs or dict batches, got "
+                f"{type(data).__name__}."
+            )
+        check_targets(y, n_outputs(), likelihood)
+        yield data
+
+
+class CheckedLoader:
+    """A loader whose batches are checked as laplace-torch iterates them.
+
+    laplace-torch reads `loader.dataset` (the data set size) and iterates the
+    loader twice (one batch for the output size, then all).
+    """
+
+    def __init__(self, loader: Iterable, check: Callable[[Iterable], Iterator]):
+        self.loader = loader
+        self.check = check
+        self.dataset = loader.dataset
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.check(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def check_curvature_finite(
+    per_weight: Sequence[torch.Tensor], names: Sequence[str], loss: Any
+) -> None:
+    """Raise `NonFiniteError` naming the first LoRA weight with bad curvature.
+
+    Parameters
+    ----------
+    per_weight : Sequence[torch.Tensor]
+        One tensor per LoRA weight whose finiteness is that weight's.
+    names : Sequence[str]
+    loss : float or torch.Tensor
+    """
+    bad = first_non_finite(list(per_weight), list(names))
+    loss_ok = bool(torch.isfinite(torch.as_tensor(loss)).all())
+    if bad is not None or not loss_ok:
+        where = f"LoRA module '{bad.removesuffix('.weight')}'" if bad else "loss"
+        raise NonFiniteError(
+            f"NaN or Inf in the fitted curvature of {where}. Check the data and "
+            "the model's dtype (float16 overflows: use bfloat16 or float32)."
+        )
