@@ -14,14 +14,14 @@ then compared on its test split, with the library's defaults only:
   has LoRA, else the last transformer block's); ``LA-diag``: diagonal.
 
 Ablations from the same fitted posterior and cached Jacobians (for the
-README's comparison): ``LA-rawprobit`` (laplace-torch's probit,
-``center_logits=False``), ``LA-mc`` (MC link), ``LA-bridge``,
-``LA-layerwise`` (per-tensor marglik priors), ``LA-AB`` (one marglik prior
-precision for all `lora_A`, one for all `lora_B`), ``LA-Ainit`` (`lora_A`
-prior = PEFT's initialisation, variance ``1 / (3 in_features)``; one marglik
-precision for `lora_B`); and from a second fit with K-FAC ``"reduce"`` (one
-sample per sequence instead of per token): ``LA-reduce`` (scalar marglik)
-and ``LA-reduce-layerwise``.
+README's comparison): ``LA-scalar`` (laplace-torch's default prior: one
+marglik precision) and ``LA-rawprobit`` (the same with laplace-torch's probit,
+``center_logits=False``: laplace-torch's defaults), ``LA-mc`` and
+``LA-bridge`` (other links), ``LA-layerwise`` (one marglik precision per
+tensor), ``LA-AB`` (one for all `lora_A`, one for all `lora_B`), and
+``LA-reduce`` (a second fit with K-FAC ``"reduce"``: one sample per sequence
+instead of per token). Every Laplace method reports ``flipped``, the fraction
+of test examples whose predicted class differs from MAP's.
 
 Every run is written to ``runs/<case>_s<seed>.json`` as soon as it is done
 and skipped when it exists, so the battery can be resumed and split over
@@ -59,20 +59,20 @@ from laplace_lora_backend.llm.data import load_dataset
 from laplace_lora_backend.llm.finetune import predict_logits, train_map
 from laplace_lora_backend.llm.metrics import classification_metrics
 from laplace_lora_backend.llm.smollm2 import load_smollm2
+from laplace_lora_backend.prior import marglik_groups
 
 __all__ = ["CASES", "BatteryConfig", "Case", "aggregate", "run_battery"]
 
 METRICS = ("acc", "ece", "nll", "brier")
 METHODS = ["MAP", "TS", "LLLA", "LA", "LA-auto", "LA-diag"]
 ABLATIONS = [
+    "LA-scalar",
     "LA-rawprobit",
     "LA-mc",
     "LA-bridge",
     "LA-layerwise",
     "LA-AB",
-    "LA-Ainit",
     "LA-reduce",
-    "LA-reduce-layerwise",
 ]
 
 
@@ -182,35 +182,11 @@ def last_layer_modules(model) -> list[str] | str:
     return rf"\.{max(blocks)}\."
 
 
-def marglik_groups(
-    la, groups: torch.Tensor, fixed: torch.Tensor | None = None, steps: int = 100
-) -> torch.Tensor:
-    """Per-tensor prior precision with one marglik value per group.
-
-    `groups[t]` is the group of LoRA tensor `t`; tensors where `fixed` is not
-    NaN keep that precision. Adam on the log precisions (laplace-torch's
-    settings: 100 steps, lr 0.1).
-    """
-    n = int(groups.max()) + 1
-    log_p = torch.zeros(n, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.Adam([log_p], lr=0.1)
-
-    def prior() -> torch.Tensor:
-        p = log_p.exp()[groups]
-        if fixed is not None:
-            p = torch.where(fixed.isnan(), p, fixed.to(p))
-        return p.to(la._dtype)
-
-    for _ in range(steps):
-        opt.zero_grad()
-        (-la.log_marginal_likelihood(prior_precision=prior())).backward()
-        opt.step()
-    return prior().detach()
-
-
-def _evaluate(la, batches, labels, **kwargs) -> dict[str, float]:
+def _evaluate(la, batches, labels, map_pred, **kwargs) -> dict[str, float]:
     probs = torch.cat([la(jb, **kwargs) for jb, _ in batches])
-    return classification_metrics(probs, labels)
+    metrics = classification_metrics(probs, labels)
+    metrics["flipped"] = float((probs.argmax(-1) != map_pred).double().mean())
+    return metrics
 
 
 # Laplace objects of a run: name -> (hessian_structure, last layer only, backend_kwargs)
@@ -284,10 +260,13 @@ def evaluate(art: dict[str, Any], seed: int) -> dict[str, Any]:
 
     The Laplace objects are rebuilt on the fine-tuned model from their fitted
     state, so ``LA`` is exactly ``Laplace(...)``, ``fit``,
-    ``optimize_prior_precision()``, ``la(x)``: the library's defaults.
+    ``optimize_prior_precision()``, ``la(x)``: the library's defaults. Each
+    Laplace method also reports ``flipped``: the fraction of test examples
+    whose predicted class differs from MAP's.
     """
     model, labels, logits = art["model"], art["labels"], art["logits"]
     y = labels["test"]
+    map_pred = logits["test"].argmax(-1)
     out: dict[str, Any] = {"seed": seed}
     out["MAP"] = classification_metrics(logits["test"].softmax(-1), y)
     out["MAP"]["confidence"] = float(logits["test"].softmax(-1).max(-1).values.mean())
@@ -301,45 +280,37 @@ def evaluate(art: dict[str, Any], seed: int) -> dict[str, Any]:
         key = "last" if POSTERIORS[name][1] else "all"
         return la, art["jacobians"][key]["val"], art["jacobians"][key]["test"]
 
+    def score(name, la, test, **kwargs):
+        out[name] = _evaluate(la, test, y, map_pred, **kwargs)
+        priors[name] = la.prior_precision.tolist()
+
     for name in ("LA-diag", "LLLA", "LA-reduce"):
         la, _, test = posterior(name)
         la.optimize_prior_precision()
-        priors[name] = la.prior_precision.tolist()
-        out[name] = _evaluate(la, test, y)
-    la, _, test = posterior("LA-reduce")
-    la.optimize_prior_precision(prior_structure="layerwise")
-    out["LA-reduce-layerwise"] = _evaluate(la, test, y)
-    priors["LA-reduce-layerwise"] = la.prior_precision.tolist()
+        score(name, la, test)
 
     la, val, test = posterior("LA")
     la.optimize_prior_precision()
-    priors["LA"] = la.prior_precision.tolist()
-    out["LA"] = _evaluate(la, test, y)
-    la.center_logits = False
-    out["LA-rawprobit"] = _evaluate(la, test, y)
-    la.center_logits = True
+    default = la.prior_precision.clone()
+    score("LA", la, test)
     torch.manual_seed(seed)
-    out["LA-mc"] = _evaluate(la, test, y, link_approx="mc")
-    out["LA-bridge"] = _evaluate(la, test, y, link_approx="bridge")
+    score("LA-mc", la, test, link_approx="mc")
+    score("LA-bridge", la, test, link_approx="bridge")
     la.optimize_prior_precision(method="auto", val_loader=val)
+    score("LA-auto", la, test)
     priors["LA-auto"] = la.prior_choice.to_dict()
-    out["LA-auto"] = _evaluate(la, test, y)
+    # laplace-torch's default prior (one scalar), with both probits
+    la.optimize_prior_precision(prior_structure="scalar")
+    score("LA-scalar", la, test)
+    la.center_logits = False
+    score("LA-rawprobit", la, test)
+    la.center_logits = True
     la.optimize_prior_precision(prior_structure="layerwise")
-    priors["LA-layerwise"] = la.prior_precision.tolist()
-    out["LA-layerwise"] = _evaluate(la, test, y)
+    score("LA-layerwise", la, test)
     is_b = torch.tensor([w.kind == "B" for w in la.lora_weights]).long()
-    la.prior_precision = marglik_groups(la, is_b)
-    priors["LA-AB"] = la.prior_precision.tolist()
-    out["LA-AB"] = _evaluate(la, test, y)
-    a_init = torch.tensor(
-        [
-            3.0 * w.in_features if w.kind == "A" else float("nan")
-            for w in la.lora_weights
-        ]
-    )
-    la.prior_precision = marglik_groups(la, is_b * 0, fixed=a_init)
-    priors["LA-Ainit"] = la.prior_precision.tolist()
-    out["LA-Ainit"] = _evaluate(la, test, y)
+    marglik_groups(la, is_b)
+    score("LA-AB", la, test)
+    la.prior_precision = default
     out["priors"] = priors
     out["timings"] = dict(art["timings"])
     return out

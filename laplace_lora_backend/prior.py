@@ -15,6 +15,7 @@ predictive is MAP's) and warn.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,9 +25,11 @@ import torch
 from laplace.utils import Likelihood, LinkApprox, PredType, PriorStructure, TuningMethod
 from torch.nn import functional as F
 
+from laplace_lora_backend.curvature.discovery import LoRAWeight, lora_init
 from laplace_lora_backend.glm import JacobianBatch, jacobian_batches
 
 __all__ = [
+    "LORA_PRIOR",
     "PriorChoice",
     "PriorTuning",
     "grid_search",
@@ -37,6 +40,8 @@ __all__ = [
 
 # "posterior switched off": the predictive equals MAP's to float precision
 POSTERIOR_OFF = 1e8
+# prior_structure of the LoRA classes (see `lora_prior_groups`)
+LORA_PRIOR = "lora"
 
 Batches = Sequence[tuple[JacobianBatch, torch.Tensor]]
 Loss = Callable[[torch.Tensor, torch.Tensor], Any]
@@ -235,6 +240,80 @@ def tune_auto(
     return choice
 
 
+def lora_prior_groups(
+    weights: Sequence[LoRAWeight], init: bool | str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``"lora"`` prior structure: which tensors are tuned, which fixed.
+
+    `lora_A` is drawn at random when the adapter is created and, by the
+    `A -> c A`, `B -> B / c` symmetry of ``B A``, its scale is not set by the
+    data: its prior is the distribution PEFT drew it from, variance
+    ``1 / (3 in_features)`` for the default Kaiming-uniform initialisation
+    (``init_lora_weights=True``) and ``1 / r^2`` for ``"gaussian"``. `lora_B`
+    (zero at initialisation, all of what fine-tuning learns) gets one prior
+    precision tuned by marglik. With a data-dependent initialisation (PiSSA,
+    ...) `lora_A` gets its own tuned precision.
+
+    Returns
+    -------
+    groups : torch.Tensor
+        `(n_tensors,)` long: the tuned precision each tensor shares.
+    fixed : torch.Tensor
+        `(n_tensors,)`: the fixed precision, NaN where tuned.
+    """
+    init = True if init is None else init
+    groups, fixed = [], []
+    for w in weights:
+        precision = float("nan")
+        if w.kind == "A" and init is True:
+            precision = 3.0 * w.in_features
+        elif w.kind == "A" and str(init).lower() == "gaussian":
+            precision = float(w.out_features) ** 2
+        groups.append(0 if w.kind == "B" else 1)
+        fixed.append(precision)
+    return torch.tensor(groups), torch.tensor(fixed, dtype=torch.float64)
+
+
+def marglik_groups(
+    la: Any,
+    groups: torch.Tensor,
+    fixed: torch.Tensor | None = None,
+    n_steps: int = 100,
+    lr: float = 0.1,
+    init: float = 1.0,
+) -> torch.Tensor:
+    """Per-tensor prior precision maximising the marginal likelihood.
+
+    Tensors share one tuned precision per value of `groups`; where `fixed` is
+    not NaN the precision is that value. Adam on the log precisions
+    (laplace-torch's marglik: `n_steps`, `lr`).
+
+    Returns
+    -------
+    torch.Tensor
+        `(n_tensors,)` prior precision (also set on `la`).
+    """
+    fixed = torch.full(groups.shape, float("nan")) if fixed is None else fixed
+    fixed = fixed.to(la._device, torch.float64)
+    groups = groups.to(la._device)
+    log_p = torch.full(
+        (int(groups.max()) + 1,), math.log(init), dtype=torch.float64, device=la._device
+    )
+    log_p.requires_grad_(True)
+    opt = torch.optim.Adam([log_p], lr=lr)
+
+    def prior() -> torch.Tensor:
+        p = torch.where(fixed.isnan(), log_p.exp()[groups], fixed)
+        return p.to(la._dtype)
+
+    for _ in range(n_steps):
+        opt.zero_grad()
+        (-la.log_marginal_likelihood(prior_precision=prior())).backward()
+        opt.step()
+    la.prior_precision = prior().detach()
+    return la.prior_precision
+
+
 def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (out - y.reshape(out.shape)).square().mean()
 
@@ -253,7 +332,7 @@ class PriorTuning:
         n_steps: int = 100,
         lr: float = 1e-1,
         init_prior_prec: float | torch.Tensor = 1.0,
-        prior_structure: PriorStructure | str = PriorStructure.SCALAR,
+        prior_structure: PriorStructure | str = LORA_PRIOR,
         val_loader: Iterable | None = None,
         loss: Any = None,
         log_prior_prec_min: float = -4,
@@ -267,7 +346,11 @@ class PriorTuning:
     ) -> None:
         """Tune the prior precision (laplace-torch's arguments, plus ``"auto"``).
 
-        ``method="marglik"`` is laplace-torch's. ``method="gridsearch"`` with
+        ``method="marglik"`` is laplace-torch's, with the LoRA prior structure
+        by default (``prior_structure="lora"``, measured on the calibration
+        battery: laplace-torch's scalar prior gives `lora_A`, whose scale the
+        data does not set, a variance far above its initialisation's and the
+        predictive too much variance). ``method="gridsearch"`` with
         the GLM predictive scores the grid on validation Jacobians computed
         once (`laplace_lora_backend.glm`), with a fresh loss per grid point;
         the grid and the choice (lowest validation loss) are laplace-torch's.
@@ -281,9 +364,15 @@ class PriorTuning:
 
         Parameters
         ----------
-        pred_type, method, n_steps, lr, init_prior_prec, prior_structure
+        pred_type, method, n_steps, lr, init_prior_prec
             See `laplace.ParametricLaplace.optimize_prior_precision`; `method`
             also takes ``"auto"``.
+        prior_structure : {'lora', 'scalar', 'layerwise', 'diag'}, default='lora'
+            ``"lora"`` (the LoRA classes' default; laplace-torch's is
+            ``"scalar"``): `lora_A` keeps the prior it was drawn from at
+            initialisation (variance ``1 / (3 in_features)`` for PEFT's
+            default), all `lora_B` share one precision tuned by marglik (see
+            `lora_prior_groups`). The others are laplace-torch's.
         val_loader : Iterable, optional
             Labelled validation batches (``"gridsearch"`` and ``"auto"``).
         loss : callable or torchmetrics.Metric, optional
@@ -308,6 +397,16 @@ class PriorTuning:
                 f"Unknown method {method!r}: use 'marglik', 'gridsearch' or 'auto'."
             )
         cached = str(getattr(pred_type, "value", pred_type)) == PredType.GLM
+        if method == "marglik" and prior_structure == LORA_PRIOR:
+            self.prior_choice = None
+            groups, fixed = lora_prior_groups(
+                self.lora_weights, lora_init(self.model, self.lora_weights[0].adapter)
+            )
+            init = float(torch.as_tensor(init_prior_prec).flatten()[0])
+            marglik_groups(self, groups, fixed, n_steps, lr, init)
+            if verbose:
+                print(f"Optimized prior precision is {self.prior_precision}.")
+            return None
         if method == "marglik" or (method == "gridsearch" and not cached):
             self.prior_choice = None
             return super().optimize_prior_precision(

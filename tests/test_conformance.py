@@ -234,7 +234,8 @@ def test_marglik_tuning_increases_the_evidence(side):
     la = make(side, "kron")
     la.fit(make_loader(make_batch(n=6, pad=False)))
     before = la.log_marginal_likelihood()
-    la.optimize_prior_precision(method="marglik", n_steps=50)
+    # laplace-torch's default structure; ours defaults to "lora" (README)
+    la.optimize_prior_precision(method="marglik", n_steps=50, prior_structure="scalar")
     assert la.log_marginal_likelihood() >= before
 
 
@@ -257,3 +258,12 @@ def test_reward_modelling():
 def test_lora_kron_refuses_a_diagonal_factor():
     with pytest.raises(ValueError, match="square"):
         LoRAKron([[torch.ones(3), torch.eye(2)]])
+
+
+def test_default_prior_structure():
+    pytest.skip(
+        "Deliberate difference: optimize_prior_precision() defaults to "
+        "prior_structure='lora' (lora_A at its initialisation prior, one marglik "
+        "precision for lora_B), chosen on the calibration battery; "
+        "prior_structure='scalar' is laplace-torch's default (tested above)."
+    )

@@ -94,7 +94,7 @@ def test_truncated_posterior_against_its_dense_matrix(residual):
 
 def test_marglik_tuning_and_per_layer_prior():
     la, _, batch = fit(16, lowrank_rank=4)
-    la.optimize_prior_precision(method="marglik", n_steps=20)
+    la.optimize_prior_precision(method="marglik", n_steps=20, prior_structure="scalar")
     assert la.prior_precision.numel() == 1 and la.prior_precision > 0
     la.optimize_prior_precision(
         method="marglik", n_steps=20, prior_structure="layerwise"

@@ -214,3 +214,47 @@ def test_center_logits_is_saved_and_loaded(tmp_path):
     assert loaded.center_logits is False
     x = make_batch(n=4, seed=6)
     assert torch.equal(loaded(x), la(x))
+
+
+def test_lora_prior_fixes_lora_A_at_its_initialisation_and_tunes_B(kron):
+    """prior_structure='lora': lora_A precision 3 * in_features (PEFT's
+    Kaiming-uniform variance), one marglik precision for every lora_B."""
+    la, _ = kron
+    la.optimize_prior_precision(prior_structure="lora")
+    prior = la.prior_precision
+    assert prior.shape == (la.n_layers,)
+    for w, p in zip(la.lora_weights, prior, strict=True):
+        if w.kind == "A":
+            assert float(p) == 3.0 * w.in_features
+    pairs = zip(la.lora_weights, prior, strict=True)
+    b = torch.stack([p for w, p in pairs if w.kind == "B"])
+    assert torch.allclose(b, b[0].expand_as(b))
+    # the tuned B precision maximises the evidence along its own direction
+    is_b = torch.tensor([w.kind == "B" for w in la.lora_weights])
+    lml = la.log_marginal_likelihood(prior_precision=prior)
+    for factor in (0.8, 1.25):
+        moved = torch.where(is_b, prior * factor, prior)
+        assert la.log_marginal_likelihood(prior_precision=moved) < lml
+
+
+def test_lora_prior_follows_peft_initialisation():
+    from helpers import LastTokenHead, make_lm
+    from peft import LoraConfig, get_peft_model
+
+    from laplace_lora_backend.curvature.discovery import find_lora_weights, lora_init
+    from laplace_lora_backend.prior import lora_prior_groups
+
+    lm, targets = make_lm("llama")
+    cfg = LoraConfig(r=4, target_modules=targets, init_lora_weights="gaussian")
+    model = LastTokenHead(get_peft_model(lm, cfg))
+    assert lora_init(model, "default") == "gaussian"
+    weights = find_lora_weights(model)
+    groups, fixed = lora_prior_groups(weights, "gaussian")
+    for w, g, f in zip(weights, groups, fixed, strict=True):
+        if w.kind == "A":
+            assert float(f) == 16.0  # r ** 2: std 1 / r
+        else:
+            assert torch.isnan(f) and int(g) == 0
+    _, fixed = lora_prior_groups(weights, "pissa")  # data-dependent: tuned
+    assert torch.isnan(fixed).all()
+    assert lora_init(torch.nn.Linear(2, 2), "default") is None

@@ -21,7 +21,13 @@ from laplace_lora_backend.errors import (
     UnsupportedLoRALayerError,
 )
 
-__all__ = ["LoRAWeight", "find_lora_weights", "lora_layer_names", "grad_enabled"]
+__all__ = [
+    "LoRAWeight",
+    "find_lora_weights",
+    "grad_enabled",
+    "lora_init",
+    "lora_layer_names",
+]
 
 
 @dataclass(frozen=True)
@@ -215,3 +221,17 @@ def grad_enabled(weights: Sequence[LoRAWeight]) -> Iterator[None]:
     finally:
         for w, flag in zip(weights, flags, strict=True):
             w.param.requires_grad_(flag)
+
+
+def lora_init(model: nn.Module, adapter: str) -> bool | str | None:
+    """PEFT's ``init_lora_weights`` of `adapter` (None if no config is found).
+
+    Read from the ``peft_config`` of the `peft.PeftModel` (or tuner model)
+    inside `model`: ``True`` (the default: `lora_A` Kaiming-uniform),
+    ``"gaussian"``, or a data-dependent initialisation (``"pissa"``, ...).
+    """
+    for module in model.modules():
+        config = getattr(module, "peft_config", None)
+        if isinstance(config, dict) and adapter in config:
+            return getattr(config[adapter], "init_lora_weights", None)
+    return None
