@@ -329,6 +329,8 @@ def _mean_record(runs: list[dict[str, Any]]) -> dict[str, Any]:
             }
         )
     record["MAP"]["confidence"] = statistics.fmean(r["MAP"]["confidence"] for r in runs)
+    for m in METHODS[2:] + ABLATIONS:  # the Laplace methods
+        record[m]["flipped"] = statistics.fmean(r[m]["flipped"] for r in runs)
     return record
 
 
@@ -367,7 +369,8 @@ def aggregate(cfg: BatteryConfig, cases: list[Case] = CASES) -> dict[str, Any]:
             **_mean_record(runs),
         }
         record["map_overconfident"] = record["MAP"]["confidence"] > record["MAP"]["acc"]
-        record["checks"] = {m: acceptance(record, m) for m in ("LA", "LA-auto")}
+        record["checks"] = {m: acceptance(record, m) for m in METHODS[2:] + ABLATIONS}
+        record["auto_nll_le_ts"] = record["LA-auto"]["nll"] <= record["TS"]["nll"]
         records.append(record)
     summary = {"config": asdict(cfg), "cases": records}
     (out / "calibration.json").write_text(json.dumps(summary, indent=1))
@@ -376,26 +379,71 @@ def aggregate(cfg: BatteryConfig, cases: list[Case] = CASES) -> dict[str, Any]:
     return summary
 
 
-def to_markdown(records: list[dict[str, Any]]) -> str:
-    """One row per case and method (seed means), and the acceptance counts."""
+def _fmt(s: dict[str, float]) -> str:
+    return f"{100 * s['acc']:.1f} / {100 * s['ece']:.1f} / {s['nll']:.3f}"
+
+
+def summary_markdown(records: list[dict[str, Any]]) -> str:
+    """The two tables of the README: per case, and per method over the cases."""
     lines = [
-        "| case | MAP conf | method | ACC (%) | ECE (%) | NLL | Brier |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        "| case | MAP conf - acc | MAP | TS | LA | LA-auto | LA checks | "
+        "LA-auto checks |",
+        "|---|---:|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        gap = 100 * (r["MAP"]["confidence"] - r["MAP"]["acc"])
+        marks = {
+            m: "pass"
+            if all(r["checks"][m].values())
+            else "**fail**: " + ", ".join(k for k, v in r["checks"][m].items() if not v)
+            for m in ("LA", "LA-auto")
+        }
+        lines.append(
+            f"| {r['case']} | {gap:+.1f} | {_fmt(r['MAP'])} | {_fmt(r['TS'])} | "
+            f"{_fmt(r['LA'])} | {_fmt(r['LA-auto'])} | {marks['LA']} | "
+            f"{marks['LA-auto']} |"
+        )
+    n = len(records)
+    lines += [
+        "",
+        "| method | cases passing every check | NLL / MAP's | ECE - MAP's (points) "
+        "| ACC - MAP's (points) | predictions changed (%) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for m in METHODS[2:] + ABLATIONS:
+        passing = sum(all(r["checks"][m].values()) for r in records)
+
+        def mean(f, m=m):
+            return statistics.fmean(f(r[m], r["MAP"]) for r in records)
+
+        lines.append(
+            f"| {m} | {passing} / {n} | "
+            f"{mean(lambda a, b: a['nll'] / b['nll']):.3f} | "
+            f"{mean(lambda a, b: 100 * (a['ece'] - b['ece'])):+.1f} | "
+            f"{mean(lambda a, b: 100 * (a['acc'] - b['acc'])):+.1f} | "
+            f"{mean(lambda a, b: 100 * a['flipped']):.1f} |"
+        )
+    ts_wins = sum(r["auto_nll_le_ts"] for r in records)
+    lines += ["", f"LA-auto's NLL <= temperature scaling's on {ts_wins} / {n} cases."]
+    return "\n".join(lines) + "\n"
+
+
+def to_markdown(records: list[dict[str, Any]]) -> str:
+    """The summary tables, then every case and method (seed means)."""
+    lines = [
+        summary_markdown(records),
+        "| case | method | ACC (%) | ECE (%) | NLL | Brier | changed (%) |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in records:
         for m in METHODS + ABLATIONS:
             s = r[m]
+            flipped = f"{100 * s['flipped']:.1f}" if "flipped" in s else "-"
             lines.append(
-                f"| {r['case']} | {100 * r['MAP']['confidence']:.1f} | {m} | "
-                f"{100 * s['acc']:.1f} | {100 * s['ece']:.1f} | {s['nll']:.3f} | "
-                f"{s['brier']:.3f} |"
-            )
-    lines += ["", "| case | check | LA | LA-auto |", "|---|---|---|---|"]
-    for r in records:
-        for check in r["checks"]["LA"]:
-            lines.append(
-                f"| {r['case']} | {check} | {r['checks']['LA'][check]} | "
-                f"{r['checks']['LA-auto'][check]} |"
+                f"| {r['case']} | {m} | {100 * s['acc']:.1f} ± "
+                f"{100 * s['acc_std']:.1f} | {100 * s['ece']:.1f} ± "
+                f"{100 * s['ece_std']:.1f} | {s['nll']:.3f} ± {s['nll_std']:.3f} | "
+                f"{s['brier']:.3f} | {flipped} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -407,7 +455,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = ["TS", "LLLA", "LA", "LA-auto", "LA-diag", "LA-rawprobit"]
+    methods = ["TS", "LLLA", "LA", "LA-auto", "LA-diag", "LA-scalar", "LA-rawprobit"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     x = torch.arange(len(records)).float()
     w = 0.8 / len(methods)

@@ -38,7 +38,11 @@ def test_tiny_battery_writes_runs_and_summary(tmp_path):
         "gridsearch",
         "map",
     }
-    assert set(record["checks"]) == {"LA", "LA-auto"}
+    assert set(record["checks"]) == set(METHODS[2:] + ABLATIONS)
+    for m in METHODS[2:] + ABLATIONS:
+        assert 0 <= record[m]["flipped"] <= 1
+    md = (tmp_path / "calibration.md").read_text()
+    assert "| drugreview-qvhead-24 |" in md and "cases passing every check" in md
     for name in ("calibration.json", "calibration.md", "calibration.png"):
         assert (tmp_path / name).stat().st_size > 100
     assert json.loads((tmp_path / "calibration.json").read_text())["cases"]
