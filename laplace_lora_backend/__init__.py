@@ -11,6 +11,7 @@ Importing this package registers ``subset_of_weights="lora"`` with
                  hessian_structure="kron")
 """
 
+from laplace_lora_backend._version import __version__ as __version__
 from laplace_lora_backend.curvature import (
     KFACApprox,
     LoRAEF,
@@ -28,15 +29,13 @@ from laplace_lora_backend.errors import (
     NotFittedError,
     UnsupportedLoRALayerError,
 )
-from laplace_lora_backend.loralaplace import (
+from laplace_lora_backend.loralaplace import LoRALaplace
+from laplace_lora_backend.serialization import load_posterior, save_posterior
+from laplace_lora_backend.structures import (
     LoRADiagLaplace,
     LoRAFullLaplace,
     LoRAKronLaplace,
-    LoRALaplace,
 )
-from laplace_lora_backend.serialization import load_posterior, save_posterior
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AdapterMismatchError",

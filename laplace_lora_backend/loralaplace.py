@@ -1,29 +1,26 @@
 """Laplace approximations over the LoRA weights of a PEFT model.
 
-Each class is laplace-torch's parametric Laplace class of the same structure,
-with two differences: the parameters are the `lora_A` / `lora_B` weights of the
-active adapters, selected by module (not by `requires_grad`), and the default
-backend is `LoRAGGN`. Each class has its own `_key`, so importing this package
-adds ``("lora", "kron")``, ``("lora", "diag")`` and ``("lora", "full")`` to
-`laplace.Laplace` and leaves upstream's keys untouched.
+`LoRALaplace` is laplace-torch's parametric Laplace class with two
+differences: the parameters are the `lora_A` / `lora_B` weights of the active
+adapters, selected by module (not by `requires_grad`), and the default backend
+is `LoRAGGN`. The structure classes are in `laplace_lora_backend.structures`.
 
 The predictives live in `laplace_lora_backend.predictive`, prior tuning in
-`laplace_lora_backend.prior`, input checks in `laplace_lora_backend.validation`
-and the combination of ranks in `laplace_lora_backend.distributed`; this module
-holds the classes, their state and `fit`.
+`laplace_lora_backend.prior`, input checks in `laplace_lora_backend.validation`,
+saving in `laplace_lora_backend.serialization` and the combination of ranks in
+`laplace_lora_backend.distributed`; this module holds the constructor, the
+fitted state and `fit`.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from laplace import DiagLaplace, FullLaplace, KronLaplace
 from laplace.baselaplace import ParametricLaplace
 from laplace.curvature import CurvatureInterface
 from laplace.utils import Likelihood
@@ -34,19 +31,13 @@ from laplace_lora_backend.curvature.lora import LoRAGGN, LoRAInterface, compute_
 from laplace_lora_backend.distributed import (
     active_group,
     combine_ranks,
-    reduce_factor,
     reduce_tensor,
 )
 from laplace_lora_backend.errors import NotFittedError
 from laplace_lora_backend.hf_models import as_logits_model
-from laplace_lora_backend.matrix import LoRAKron
 from laplace_lora_backend.predictive import LoRAPredictive
 from laplace_lora_backend.prior import PriorChoice, PriorTuning
-from laplace_lora_backend.serialization import (
-    load_posterior,
-    read_posterior_config,
-    save_posterior,
-)
+from laplace_lora_backend.serialization import PosteriorIO
 from laplace_lora_backend.validation import (
     CheckedLoader,
     check_batch_keys,
@@ -56,13 +47,13 @@ from laplace_lora_backend.validation import (
     signature,
 )
 
-__all__ = ["LoRALaplace", "LoRAKronLaplace", "LoRADiagLaplace", "LoRAFullLaplace"]
+__all__ = ["LoRALaplace"]
 
 LoRAModules = str | Sequence[str] | re.Pattern | None
 _EMPTY_LOADER = "train_loader is empty: fit needs at least one batch of training data."
 
 
-class LoRALaplace(PriorTuning, LoRAPredictive, ParametricLaplace):
+class LoRALaplace(PriorTuning, LoRAPredictive, PosteriorIO, ParametricLaplace):
     """Base of the LoRA Laplace classes: laplace-torch's, over the LoRA weights.
 
     Parameters
@@ -454,197 +445,3 @@ class LoRALaplace(PriorTuning, LoRAPredictive, ParametricLaplace):
             "backend_kwargs": backend_kwargs,
             "asdl_fisher_kwargs": self._asdl_fisher_kwargs,
         }
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Save the posterior into `directory`, e.g. beside a PEFT adapter.
-
-        Writes ``laplace_posterior.safetensors`` and ``laplace_posterior.json``
-        (see `laplace_lora_backend.serialization.save_posterior`); other files
-        (``adapter_model.safetensors``, ``adapter_config.json``) are untouched.
-        """
-        save_posterior(self, directory)
-
-    @classmethod
-    def from_pretrained(
-        cls, directory: str | os.PathLike, model: torch.nn.Module, **kwargs: Any
-    ) -> LoRALaplace:
-        """Load a posterior saved by `save_pretrained` onto `model`.
-
-        Parameters
-        ----------
-        directory : str or os.PathLike
-        model : torch.nn.Module
-            Model with the adapter the posterior was fitted with.
-        **kwargs
-            Override saved constructor settings (`backend`, ...); see
-            `laplace_lora_backend.serialization.load_posterior`.
-
-        Returns
-        -------
-        LoRALaplace
-
-        Raises
-        ------
-        ValueError
-            If the saved posterior has another structure than `cls`, or the
-            model's LoRA weight names / shapes differ (the first is named).
-        """
-        saved = read_posterior_config(directory)
-        key = getattr(cls, "_key", None)
-        if key is not None and tuple(saved["key"]) != tuple(key):
-            raise ValueError(
-                f"'{directory}' holds a {saved['class']} posterior "
-                f"(hessian_structure={saved['key'][1]!r}), not a {cls.__name__}. "
-                f"Use {saved['class']}.from_pretrained or LoRALaplace.from_pretrained."
-            )
-        return load_posterior(directory, model, **kwargs)
-
-
-def _factor_sum(F: Any) -> torch.Tensor:
-    """A scalar whose finiteness is that of factor `F` (dense or low-rank)."""
-    if isinstance(F, torch.Tensor):
-        return F.sum()
-    return sum(v.sum() for v in F.to_state().values() if isinstance(v, torch.Tensor))
-
-
-class LoRAKronLaplace(LoRALaplace, KronLaplace):
-    """K-FAC Laplace over the LoRA weights (`laplace.KronLaplace` semantics).
-
-    Wide Kronecker factors (the input factor of `lora_A`, the output factor of
-    `lora_B` on a wide projection) are kept as streaming low-rank-plus-
-    isotropic factors (`LowRankFactor`); see `LoRAKron` / `LoRAKronDecomposed`.
-
-    Parameters
-    ----------
-    model, likelihood, sigma_noise, prior_precision, prior_mean, temperature
-        See `LoRALaplace`.
-    enable_backprop, dict_key_x, dict_key_y, backend
-        See `LoRALaplace`.
-    damping : bool, default=False
-        laplace-torch's `KronLaplace` damping.
-    backend_kwargs, asdl_fisher_kwargs, lora_modules, process_group
-        See `LoRALaplace`.
-    center_logits : bool, default=True
-        See `LoRALaplace`.
-    lowrank_threshold : int or None, default=512
-        Factors whose side is `>=` this are low-rank; `None`: all dense.
-    lowrank_rank : int, default=16
-        Rank `k` kept for each low-rank factor.
-    lowrank_residual : {'trace', 'none'}, default='trace'
-        Keep the spectrum truncation discards as ``c I`` (trace-preserving) or
-        drop it (its directions then fall back to the prior).
-    """
-
-    # key to map to this class in laplace.Laplace: (subset_of_weights, structure)
-    _key = ("lora", "kron")
-    _unfitted_is_prior = False  # as KronLaplace: no factors before fit
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        likelihood: Likelihood | str,
-        sigma_noise: float | torch.Tensor = 1.0,
-        prior_precision: float | torch.Tensor = 1.0,
-        prior_mean: float | torch.Tensor = 0.0,
-        temperature: float = 1.0,
-        enable_backprop: bool = False,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        backend: type[CurvatureInterface] | None = None,
-        damping: bool = False,
-        backend_kwargs: dict[str, Any] | None = None,
-        asdl_fisher_kwargs: dict[str, Any] | None = None,
-        *,
-        lora_modules: LoRAModules = None,
-        process_group: Any = None,
-        center_logits: bool = True,
-        lowrank_threshold: int | None = 512,
-        lowrank_rank: int = 16,
-        lowrank_residual: str = "trace",
-    ) -> None:
-        self.lowrank_options = {
-            "lowrank_threshold": lowrank_threshold,
-            "lowrank_rank": lowrank_rank,
-            "lowrank_residual": lowrank_residual,
-        }
-        super().__init__(
-            model,
-            likelihood,
-            sigma_noise=sigma_noise,
-            prior_precision=prior_precision,
-            prior_mean=prior_mean,
-            temperature=temperature,
-            enable_backprop=enable_backprop,
-            dict_key_x=dict_key_x,
-            dict_key_y=dict_key_y,
-            backend=backend,
-            backend_kwargs=backend_kwargs,
-            asdl_fisher_kwargs=asdl_fisher_kwargs,
-            lora_modules=lora_modules,
-            process_group=process_group,
-            center_logits=center_logits,
-            damping=damping,
-        )
-
-    def _lora_options(self) -> dict[str, Any]:
-        return dict(self.lowrank_options)
-
-    def constructor_settings(self) -> dict[str, Any]:
-        """Keyword arguments that rebuild this object (with `damping`)."""
-        return {**super().constructor_settings(), "damping": self.damping}
-
-    def _init_H(self) -> None:
-        if self._uses_lora_backend:
-            self.H = self.backend.init_kron()
-        else:  # a laplace-torch backend on the LoRA weights
-            super()._init_H()
-
-    def _curvature_per_weight(self) -> list[torch.Tensor]:
-        return [
-            torch.stack([_factor_sum(F) for F in block]) for block in self.H_facs.kfacs
-        ]
-
-    def _reduce_curvature(self, group: Any, input_scale: float) -> None:
-        # [F_out (summed), F_in (mean over N)]; bias blocks hold F_out only
-        blocks = []
-        for b in self.H_facs.kfacs:
-            scales = (1.0, input_scale) if len(b) == 2 else (1.0,)
-            blocks.append(
-                [reduce_factor(F, c, group) for F, c in zip(b, scales, strict=True)]
-            )
-        self.H_facs = type(self.H_facs)(blocks)
-        self.H = self.H_facs.decompose(damping=self.damping)
-
-    def _init_empty_fit(self, n_outputs: int) -> None:
-        super()._init_empty_fit(n_outputs)
-        self.H_facs = self.H
-
-    def state_dict(self) -> dict[str, Any]:
-        """State with low-rank factors stored as plain tensors and numbers."""
-        state = super().state_dict()
-        if isinstance(self.H_facs, LoRAKron):
-            state["H"] = self.H_facs.to_state()
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a `state_dict` (dense or low-rank factors)."""
-        if self._uses_lora_backend:  # factor objects, as KronLaplace expects
-            state_dict = {
-                **state_dict,
-                "H": LoRAKron.from_state(state_dict["H"]).kfacs,
-            }
-        super().load_state_dict(state_dict)
-
-
-class LoRADiagLaplace(LoRALaplace, DiagLaplace):
-    """Diagonal Laplace over the LoRA weights (`laplace.DiagLaplace` semantics)."""
-
-    # key to map to this class in laplace.Laplace: (subset_of_weights, structure)
-    _key = ("lora", "diag")
-
-
-class LoRAFullLaplace(LoRALaplace, FullLaplace):
-    """Full-covariance Laplace over the LoRA weights (small adapters only)."""
-
-    # key to map to this class in laplace.Laplace: (subset_of_weights, structure)
-    _key = ("lora", "full")

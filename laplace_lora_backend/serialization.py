@@ -50,6 +50,7 @@ from laplace_lora_backend.hf_models import as_logits_model
 
 __all__ = [
     "AdapterMismatchError",
+    "PosteriorIO",
     "CONFIG_NAME",
     "FORMAT_VERSION",
     "WEIGHTS_NAME",
@@ -537,3 +538,52 @@ def _rank_hint(name: str, expected: list[int], found: list[int]) -> str:
     if r_dim is None or expected[1 - r_dim] != found[1 - r_dim]:
         return ""
     return f" (LoRA rank r={expected[r_dim]} saved, r={found[r_dim]} in the model)"
+
+
+class PosteriorIO:
+    """`save_pretrained` / `from_pretrained` of the LoRA Laplace classes."""
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Save the posterior into `directory`, e.g. beside a PEFT adapter.
+
+        Writes ``laplace_posterior.safetensors`` and ``laplace_posterior.json``
+        (see `laplace_lora_backend.serialization.save_posterior`); other files
+        (``adapter_model.safetensors``, ``adapter_config.json``) are untouched.
+        """
+        save_posterior(self, directory)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, model: torch.nn.Module, **kwargs: Any
+    ) -> Any:
+        """Load a posterior saved by `save_pretrained` onto `model`.
+
+        Parameters
+        ----------
+        directory : str or os.PathLike
+        model : torch.nn.Module
+            Model with the adapter the posterior was fitted with.
+        **kwargs
+            Override saved constructor settings (`backend`, ...); see
+            `laplace_lora_backend.serialization.load_posterior`.
+
+        Returns
+        -------
+        LoRALaplace
+            The saved structure's class (`LoRAKronLaplace`, ...).
+
+        Raises
+        ------
+        ValueError
+            If the saved posterior has another structure than `cls`, or the
+            model's LoRA weight names / shapes differ (the first is named).
+        """
+        saved = read_posterior_config(directory)
+        key = getattr(cls, "_key", None)
+        if key is not None and tuple(saved["key"]) != tuple(key):
+            raise ValueError(
+                f"'{directory}' holds a {saved['class']} posterior "
+                f"(hessian_structure={saved['key'][1]!r}), not a {cls.__name__}. "
+                f"Use {saved['class']}.from_pretrained or LoRALaplace.from_pretrained."
+            )
+        return load_posterior(directory, model, **kwargs)

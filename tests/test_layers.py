@@ -32,18 +32,19 @@ LAYERS = {
     "serialization": 3,
     "distributed": 3,
     "loralaplace": 4,
-    "": 5,  # the package root: the public API
-    "llm.answer_tokens": 6,
-    "llm": 6,
-    "llm.data": 7,
-    "llm.smollm2": 7,
-    "llm.finetune": 7,
-    "llm.metrics": 7,
-    "demo": 8,
-    "battery": 9,
-    "bench": 9,
-    "cli": 10,
-    "__main__": 11,
+    "structures": 5,
+    "": 6,  # the package root: the public API
+    "llm.answer_tokens": 7,
+    "llm": 7,
+    "llm.data": 8,
+    "llm.smollm2": 8,
+    "llm.finetune": 8,
+    "llm.metrics": 8,
+    "demo": 9,
+    "battery": 10,
+    "bench": 10,
+    "cli": 11,
+    "__main__": 12,
 }
 LAZY_IMPORTS_ALLOWED = {"cli"}
 
