@@ -45,20 +45,14 @@ import torch
 from laplace_lora_backend.curvature.discovery import lora_layer_names
 from laplace_lora_backend.demo import (
     DemoConfig,
+    build_model,
     fit_temperature,
     make_splits,
-    tiny_model_and_tokenizer,
 )
 from laplace_lora_backend.glm import jacobian_batches
-from laplace_lora_backend.llm.answer_tokens import (
-    AnswerTokenClassifier,
-    answer_token_ids,
-    trim_lm_head,
-)
 from laplace_lora_backend.llm.data import load_dataset
 from laplace_lora_backend.llm.finetune import predict_logits, train_map
 from laplace_lora_backend.llm.metrics import classification_metrics
-from laplace_lora_backend.llm.smollm2 import load_smollm2
 from laplace_lora_backend.prior import marglik_groups
 
 __all__ = ["CASES", "BatteryConfig", "Case", "aggregate", "run_battery"]
@@ -123,8 +117,6 @@ class BatteryConfig:
     epochs: int = 6
     lr: float = 2e-3
     weight_decay: float = 0.01
-    lora_r: int = 8
-    lora_alpha: int = 16
     lora_dropout: float = 0.1
     threads: int = 1
     output: str = "benchmarks/results/calibration"
@@ -144,29 +136,13 @@ def _demo_config(cfg: BatteryConfig, case: Case) -> DemoConfig:
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
         lora_dropout=cfg.lora_dropout,
+        target_modules=list(case.targets),
     )
 
 
 def build_case_model(cfg: BatteryConfig, case: Case, data, seed: int):
-    """LoRA answer-token classifier with the case's placement."""
-    from peft import LoraConfig, get_peft_model
-
-    if cfg.model == "tiny":
-        lm, tokenizer = tiny_model_and_tokenizer(data, seed)
-        answers = [a.strip() for a in data.answers]
-    else:
-        lm, tokenizer = load_smollm2()
-        answers = data.answers
-    ids = answer_token_ids(answers, tokenizer)
-    trim_lm_head(lm, ids)
-    torch.manual_seed(seed)
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=list(case.targets),
-    )
-    return AnswerTokenClassifier(get_peft_model(lm, lora), ids).eval(), tokenizer
+    """LoRA answer-token classifier with the case's placement (the demo's)."""
+    return build_model(_demo_config(cfg, case), data, seed)
 
 
 def last_layer_modules(model) -> list[str] | str:

@@ -70,6 +70,9 @@ class DemoConfig:
     lr: float = 2e-3
     weight_decay: float = 0.01
     lora_dropout: float = 0.1
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "v_proj", "lm_head"]
+    )
     mcd_samples: int = 4
     kfac_backend: str = "mc"  # curvature for LA: "ggn" | "mc" | "ef"
     prior: str = "auto"  # prior precision: "auto" | "marglik" | "validation"
@@ -150,7 +153,7 @@ def build_model(cfg: DemoConfig, data: TextDataset, seed: int):
         r=8,
         lora_alpha=16,
         lora_dropout=cfg.lora_dropout,
-        target_modules=["q_proj", "v_proj", "lm_head"],
+        target_modules=list(cfg.target_modules),
     )
     model = AnswerTokenClassifier(get_peft_model(lm, lora), ids)
     return model.eval(), tokenizer
