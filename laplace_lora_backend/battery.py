@@ -55,7 +55,15 @@ from laplace_lora_backend.llm.finetune import predict_logits, train_map
 from laplace_lora_backend.llm.metrics import classification_metrics
 from laplace_lora_backend.prior import marglik_groups
 
-__all__ = ["CASES", "BatteryConfig", "Case", "aggregate", "run_battery"]
+__all__ = [
+    "CASES",
+    "BatteryConfig",
+    "Case",
+    "aggregate",
+    "readme_block",
+    "run_battery",
+    "update_readme",
+]
 
 METRICS = ("acc", "ece", "nll", "brier")
 METHODS = ["MAP", "TS", "LLLA", "LA", "LA-auto", "LA-diag"]
@@ -402,6 +410,33 @@ def summary_markdown(records: list[dict[str, Any]]) -> str:
     ts_wins = sum(r["auto_nll_le_ts"] for r in records)
     lines += ["", f"LA-auto's NLL <= temperature scaling's on {ts_wins} / {n} cases."]
     return "\n".join(lines) + "\n"
+
+
+README_BEGIN = "<!-- calibration:begin -->"
+README_END = "<!-- calibration:end -->"
+
+
+def readme_block(summary: dict[str, Any]) -> str:
+    """The README's results block, rendered from `calibration.json`."""
+    records = summary["cases"]
+    cfg = summary["config"]
+    seeds = len(cfg["seeds"])
+    return (
+        f"{README_BEGIN}\n"
+        f"Seed means over {seeds} seeds; cells are ACC (%) / ECE (%) / NLL. Checks "
+        "(the issue's, on the means): NLL <= 1.02x MAP's, ECE <= MAP's + 1 point, "
+        "ACC >= MAP's - 1 point, and where MAP is overconfident (its mean confidence "
+        "above its accuracy) NLL and ECE strictly below MAP's.\n\n"
+        f"{summary_markdown(records)}{README_END}"
+    )
+
+
+def update_readme(summary: dict[str, Any], path: str | Path) -> None:
+    """Replace the block between the calibration markers of `path`."""
+    path = Path(path)
+    text = path.read_text()
+    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
+    path.write_text(text[:start] + readme_block(summary) + text[end:])
 
 
 def to_markdown(records: list[dict[str, Any]]) -> str:

@@ -117,6 +117,12 @@ def _calibrate_args(parser: argparse.ArgumentParser) -> None:
         "fine-tuning, fitting or Jacobians)",
     )
     parser.add_argument(
+        "--readme",
+        default=None,
+        help="also write the results block into this README (between the "
+        "calibration markers)",
+    )
+    parser.add_argument(
         "--aggregate-only",
         action="store_true",
         help="only write the summary from existing run files",
@@ -129,6 +135,7 @@ def _calibrate(args: argparse.Namespace) -> None:
         BatteryConfig,
         aggregate,
         run_battery,
+        update_readme,
     )
 
     cfg = BatteryConfig(
@@ -150,7 +157,9 @@ def _calibrate(args: argparse.Namespace) -> None:
     if not args.aggregate_only:
         run_battery(cfg, cases, (i, n), reevaluate=args.reevaluate)
     if i == 0 or args.aggregate_only:
-        aggregate(cfg, cases)
+        summary = aggregate(cfg, cases)
+        if args.readme:
+            update_readme(summary, args.readme)
 
 
 def main(argv: list[str] | None = None) -> None:
