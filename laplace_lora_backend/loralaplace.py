@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from laplace.baselaplace import ParametricLaplace
+from laplace import ParametricLaplace
 from laplace.curvature import CurvatureInterface
 from laplace.utils import Likelihood
 from torch.nn.utils import parameters_to_vector

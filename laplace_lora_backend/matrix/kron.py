@@ -13,8 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from laplace.utils import Kron
-from laplace.utils.utils import symeig
+from laplace.utils import Kron, symeig
 
 from laplace_lora_backend.matrix.kron_decomposed import LoRAKronDecomposed
 from laplace_lora_backend.matrix.lowrank import LowRankFactor, LowRankResidual

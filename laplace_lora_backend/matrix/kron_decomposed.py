@@ -23,9 +23,10 @@ dense factors use laplace-torch's formulas.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
-from laplace.utils import KronDecomposed
-from laplace.utils.utils import _is_valid_scalar, block_diag, kron
+from laplace.utils import KronDecomposed, block_diag, kron
 
 from laplace_lora_backend.matrix.lowrank import LowRankFactor
 
@@ -63,7 +64,7 @@ class LoRAKronDecomposed(KronDecomposed):
 
     def __mul__(self, scalar: float | torch.Tensor) -> LoRAKronDecomposed:
         """Multiply the curvature (not the prior) by a scalar."""
-        if not _is_valid_scalar(scalar):
+        if not _is_scalar(scalar):
             raise ValueError("Invalid argument, can only multiply Kron with scalar.")
         eigenvalues = [
             [v * pow(scalar, 1 / len(block)) for v in block]
@@ -241,3 +242,12 @@ class LoRAKronDecomposed(KronDecomposed):
             Qk = kron(Qs[0], Qs[1])
             blocks.append(Qk @ torch.diag(f.flatten()) @ Qk.T)
         return block_diag(blocks)
+
+
+def _is_scalar(value: float | int | torch.Tensor) -> bool:
+    """A real number, or a tensor with one element and at most one dimension."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, numbers.Real):  # also numpy scalars
+        return True
+    return torch.is_tensor(value) and value.ndim <= 1 and value.numel() == 1
