@@ -20,6 +20,7 @@ from laplace.utils import Likelihood
 from laplace_lora_backend.distributed import reduce_factor
 from laplace_lora_backend.loralaplace import LoRALaplace, LoRAModules
 from laplace_lora_backend.matrix import LoRAKron
+from laplace_lora_backend.matrix.lowrank import LowRankOptions
 
 __all__ = ["LoRAKronLaplace", "LoRADiagLaplace", "LoRAFullLaplace"]
 
@@ -86,10 +87,12 @@ class LoRAKronLaplace(LoRALaplace, KronLaplace):
         lowrank_rank: int = 16,
         lowrank_residual: str = "trace",
     ) -> None:
+        # validated here, before anything else is built
+        self.lowrank = LowRankOptions(lowrank_threshold, lowrank_rank, lowrank_residual)
         self.lowrank_options = {
             "lowrank_threshold": lowrank_threshold,
             "lowrank_rank": lowrank_rank,
-            "lowrank_residual": lowrank_residual,
+            "lowrank_residual": self.lowrank.residual.value,
         }
         super().__init__(
             model,

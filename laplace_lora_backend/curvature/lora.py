@@ -50,7 +50,7 @@ from laplace_lora_backend.curvature.tokens import (
     token_rows,
 )
 from laplace_lora_backend.matrix import LoRAKron, LowRankResidual
-from laplace_lora_backend.matrix.lowrank import parse_residual
+from laplace_lora_backend.matrix.lowrank import LowRankOptions
 
 __all__ = ["LoRAInterface", "LoRAGGN", "LoRAEF"]
 
@@ -108,9 +108,9 @@ class LoRAInterface(CurvatureInterface):
         lora_modules: str | Sequence[str] | re.Pattern | None = None,
         kfac_approx: KFACApprox | str = KFACApprox.EXPAND,
         mask_key: str | None = "attention_mask",
-        lowrank_threshold: int | None = None,
-        lowrank_rank: int = 16,
-        lowrank_residual: LowRankResidual | str = LowRankResidual.TRACE,
+        lowrank_threshold: int | None = LowRankOptions.threshold,
+        lowrank_rank: int = LowRankOptions.rank,
+        lowrank_residual: LowRankResidual | str = LowRankOptions.residual,
     ) -> None:
         if last_layer or subnetwork_indices is not None:
             raise ValueError(
@@ -129,17 +129,15 @@ class LoRAInterface(CurvatureInterface):
         self.params_dict = {w.name: w.param for w in self.lora_weights}
         self._names = [w.name for w in self.lora_weights]
         self.compute_dtype = compute_dtype(self.params[0].dtype)
-        self.lowrank_threshold, self.lowrank_rank = check_lowrank_options(
-            lowrank_threshold, lowrank_rank, self.lora_weights
-        )
-        self.lowrank_residual = parse_residual(lowrank_residual)
+        self.lowrank = LowRankOptions(lowrank_threshold, lowrank_rank, lowrank_residual)
+        self.lowrank.check_lora_rank(max(min(w.param.shape) for w in self.lora_weights))
 
     def _new_factor(self, dim: int) -> DenseFactor | LowRankAccumulator:
         """Accumulator for a factor of side `dim` (low-rank if wide)."""
         dtype, device = self.compute_dtype, self.params[0].device
-        if self.lowrank_threshold is not None and dim >= self.lowrank_threshold:
+        if self.lowrank.is_lowrank(dim):
             return LowRankAccumulator(
-                dim, self.lowrank_rank, self.lowrank_residual, dtype, device
+                dim, self.lowrank.rank, self.lowrank.residual, dtype, device
             )
         return DenseFactor(dim, dtype, device)
 
@@ -149,9 +147,7 @@ class LoRAInterface(CurvatureInterface):
             [tuple(w.param.shape) for w in self.lora_weights],
             self.compute_dtype,
             self.params[0].device,
-            self.lowrank_threshold,
-            self.lowrank_rank,
-            self.lowrank_residual,
+            self.lowrank,
         )
 
     # ------------------------------------------------------------------ helpers
@@ -599,31 +595,3 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     every digit); the weights' own dtype otherwise.
     """
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def check_lowrank_options(
-    threshold: int | None, rank: int, weights: Sequence[LoRAWeight]
-) -> tuple[int | None, int]:
-    """Validate `lowrank_threshold` / `lowrank_rank` against the LoRA ranks.
-
-    Raises
-    ------
-    ValueError
-        If `rank < 1`, or the threshold would compress a LoRA rank-`r` side.
-    """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"lowrank_rank must be an integer >= 1, got {rank!r}.")
-    if threshold is None:
-        return None, rank
-    if isinstance(threshold, bool) or not isinstance(threshold, int):
-        raise ValueError(
-            f"lowrank_threshold must be an int or None, got {threshold!r}."
-        )
-    r_max = max(min(w.param.shape) for w in weights)
-    if threshold <= r_max:
-        raise ValueError(
-            f"lowrank_threshold={threshold} would compress the LoRA rank-{r_max} "
-            "factors too; use a threshold above the LoRA rank (default 512), or "
-            "None for dense factors."
-        )
-    return threshold, rank

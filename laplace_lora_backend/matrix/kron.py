@@ -16,7 +16,7 @@ import torch
 from laplace.utils import Kron, symeig
 
 from laplace_lora_backend.matrix.kron_decomposed import LoRAKronDecomposed
-from laplace_lora_backend.matrix.lowrank import LowRankFactor, LowRankResidual
+from laplace_lora_backend.matrix.lowrank import LowRankFactor, LowRankOptions
 
 __all__ = ["LoRAKron", "Factor"]
 
@@ -60,20 +60,19 @@ class LoRAKron(Kron):
         shapes: Iterable[tuple[int, int]],
         dtype: torch.dtype,
         device: torch.device,
-        lowrank_threshold: int | None = None,
-        lowrank_rank: int = 16,
-        lowrank_residual: LowRankResidual | str = LowRankResidual.TRACE,
+        lowrank: LowRankOptions | None = None,
     ) -> LoRAKron:
         """Zero factors for weights of the given `(out, in)` shapes.
 
-        Sides `>= lowrank_threshold` get a rank-0 `LowRankFactor`, others a
-        dense zero matrix; `lowrank_threshold=None` keeps everything dense.
+        Sides that `lowrank` compresses get a rank-0 `LowRankFactor`, others a
+        dense zero matrix; `lowrank=None` keeps everything dense.
         """
+        lowrank = lowrank or LowRankOptions()
 
         def zero(d: int) -> Factor:
-            if lowrank_threshold is not None and d >= lowrank_threshold:
+            if lowrank.is_lowrank(d):
                 return LowRankFactor.zeros(
-                    d, lowrank_rank, lowrank_residual, dtype, device
+                    d, lowrank.rank, lowrank.residual, dtype, device
                 )
             return torch.zeros(d, d, dtype=dtype, device=device)
 
