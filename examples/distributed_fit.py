@@ -29,7 +29,13 @@ from laplace_lora_backend.llm import AnswerTokenClassifier
 
 
 def build_model(seed: int = 0) -> torch.nn.Module:
-    """The same model on every rank (same seed / same checkpoint)."""
+    """The same model on every rank (same seed / same checkpoint).
+
+    Returns
+    -------
+    torch.nn.Module
+        A tiny LoRA Llama reading 3 answer tokens, in eval mode.
+    """
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=100,
@@ -46,7 +52,14 @@ def build_model(seed: int = 0) -> torch.nn.Module:
 
 
 def collate(rows):
-    """(ids, label) pairs to a dict batch."""
+    """(ids, label) pairs to a dict batch.
+
+    Returns
+    -------
+    dict[str, torch.Tensor]
+        ``input_ids`` `(batch, T)`, ``attention_mask`` `(batch, T)` (all ones)
+        and ``labels`` `(batch,)`.
+    """
     ids, labels = zip(*rows, strict=True)
     ids = torch.stack(ids)
     return {

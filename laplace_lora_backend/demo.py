@@ -82,7 +82,13 @@ class DemoConfig:
 
     @classmethod
     def quick_config(cls, **overrides: Any) -> DemoConfig:
-        """Small sizes for smoke tests (a few minutes on a CPU)."""
+        """Small sizes for smoke tests (a few minutes on a CPU).
+
+        Returns
+        -------
+        DemoConfig
+            The quick sizes, then `overrides`, with ``quick=True``.
+        """
         base = dict(
             n_train=48,
             n_val=24,
@@ -99,7 +105,16 @@ class DemoConfig:
 
 # ----------------------------------------------------------------- the model
 def tiny_model_and_tokenizer(data: TextDataset, seed: int):
-    """Random-init tiny Llama and a word-level tokenizer of the data (CI)."""
+    """Random-init tiny Llama and a word-level tokenizer of the data (CI).
+
+    Returns
+    -------
+    model : transformers.LlamaForCausalLM
+        2 layers, hidden size 64, in eval mode.
+    tokenizer : transformers.PreTrainedTokenizerFast
+        Over the answers, the prompt's words and the 400 most common words of
+        the training texts; pads on the left.
+    """
     from collections import Counter
 
     from tokenizers import Tokenizer
@@ -135,7 +150,20 @@ def tiny_model_and_tokenizer(data: TextDataset, seed: int):
 
 
 def build_model(cfg: DemoConfig, data: TextDataset, seed: int):
-    """LoRA classifier over the data set's answer tokens, and its tokenizer."""
+    """LoRA classifier over the data set's answer tokens, and its tokenizer.
+
+    Returns
+    -------
+    model : AnswerTokenClassifier
+        The PEFT LoRA model (lm_head trimmed to the answer tokens), in eval
+        mode.
+    tokenizer : transformers.PreTrainedTokenizerBase
+
+    Raises
+    ------
+    ValueError
+        If ``cfg.model`` is neither ``"smollm2"`` nor ``"tiny"``.
+    """
     from peft import LoraConfig, get_peft_model
 
     if cfg.model == "tiny":
@@ -174,7 +202,14 @@ class _Loader(list):
 
 
 def make_splits(cfg: DemoConfig, data: TextDataset, tokenizer, seed: int):
-    """Seeded train / validation subsets of the training data, and the test set."""
+    """Seeded train / validation subsets of the training data, and the test set.
+
+    Returns
+    -------
+    dict[str, list]
+        ``"train"``, ``"val"`` and ``"test"``: tokenized batches of
+        ``cfg.batch_size`` (lists with a `.dataset` length for laplace-torch).
+    """
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(data.train), generator=g).tolist()
     train = [data.train[i] for i in order[: cfg.n_train]]
@@ -189,7 +224,13 @@ def make_splits(cfg: DemoConfig, data: TextDataset, tokenizer, seed: int):
 
 # ---------------------------------------------------------------- baselines
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Temperature minimising validation NLL (LBFGS on log T)."""
+    """Temperature minimising validation NLL (LBFGS on log T).
+
+    Returns
+    -------
+    float
+        The temperature `T` (divide the logits by it).
+    """
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
     logits = logits.double()
@@ -206,7 +247,13 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 @torch.no_grad()
 def mc_dropout_probs(model, batches, n_samples: int) -> torch.Tensor:
-    """Average softmax with the LoRA dropout layers active."""
+    """Average softmax with the LoRA dropout layers active.
+
+    Returns
+    -------
+    torch.Tensor
+        `(n, C)` probabilities, the mean over `n_samples` passes per batch.
+    """
     drops = [m for n, m in model.named_modules() if "lora_dropout" in n]
     for m in drops:
         m.train()
@@ -239,6 +286,17 @@ def tune_prior(la, val, mode: str = "auto") -> dict[str, Any]:
         ``'validation'``: ``method="gridsearch"`` on validation NLL.
         ``'auto'`` (default): ``method="auto"``: marglik, checked against MAP
         on validation NLL (see `LoRALaplace.optimize_prior_precision`).
+
+    Returns
+    -------
+    dict[str, Any]
+        JSON-serialisable: ``method`` and ``prior_precision``, or the
+        ``prior_choice`` of ``method="auto"``.
+
+    Raises
+    ------
+    ValueError
+        If `mode` is not one of `PRIOR_MODES`.
     """
     if mode not in PRIOR_MODES:
         raise ValueError(f"Unknown prior mode {mode!r}; choose one of {PRIOR_MODES}.")
@@ -333,7 +391,13 @@ def run_seed(cfg: DemoConfig, data: TextDataset, seed: int, log) -> dict[str, An
 
 # ----------------------------------------------------------------- reporting
 def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Mean and standard deviation over seeds of every metric."""
+    """Mean and standard deviation over seeds of every metric.
+
+    Returns
+    -------
+    dict[str, dict[str, float]]
+        Method -> ``{metric, metric + "_std"}`` (std 0 for one seed).
+    """
     out = {}
     for m in METHODS:
         out[m] = {}
@@ -348,6 +412,11 @@ def markdown_table(summary, n_seeds: int, title: str) -> str:
     """The paper's table: ACC / ECE / NLL / Brier per method.
 
     ACC and ECE in percent; mean +- std over seeds.
+
+    Returns
+    -------
+    str
+        Markdown: a heading with `title` and one row per method.
     """
     lines = [
         f"### {title}",
@@ -408,7 +477,14 @@ def reliability_plot(run: dict[str, Any], path: Path, title: str) -> None:
 
 
 def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
-    """Run every seed, write table, JSON and reliability diagram to `output`."""
+    """Run every seed, write table, JSON and reliability diagram to `output`.
+
+    Returns
+    -------
+    dict[str, Any]
+        What the JSON holds: the config, per-seed metrics, priors and
+        timings, mean and std per method, and the seconds taken.
+    """
     torch.set_num_threads(cfg.threads)
     data = load_dataset(cfg.dataset)
     out = Path(cfg.output)

@@ -86,6 +86,17 @@ def active_group(process_group: Any = None) -> Any:
     process_group : torch.distributed.ProcessGroup, optional
         A sub-group; default the world group when `torch.distributed` is
         initialised.
+
+    Returns
+    -------
+    torch.distributed.ProcessGroup or None
+        None when `torch.distributed` is not initialised or the group has a
+        single rank.
+
+    Raises
+    ------
+    ValueError
+        If `process_group` is given but `torch.distributed` is not initialised.
     """
     if not (dist.is_available() and dist.is_initialized()):
         if process_group is not None:
@@ -99,7 +110,13 @@ def active_group(process_group: Any = None) -> Any:
 
 
 def gather_reports(report: RankReport, group: Any) -> list[RankReport]:
-    """All ranks' reports, in rank order, on every rank."""
+    """All ranks' reports, in rank order, on every rank.
+
+    Returns
+    -------
+    list[RankReport]
+        One per rank of `group`.
+    """
     out: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, report, group=group)
     return out
@@ -147,7 +164,13 @@ def check_reports(reports: list[RankReport], my_rank: int) -> None:
 
 
 def reduce_tensor(t: torch.Tensor, group: Any) -> torch.Tensor:
-    """Sum of `t` over the ranks (a new tensor; `t` is untouched)."""
+    """Sum of `t` over the ranks (a new tensor; `t` is untouched).
+
+    Returns
+    -------
+    torch.Tensor
+        Detached, same shape as `t`.
+    """
     out = t.detach().clone().contiguous()
     dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
     return out
@@ -158,6 +181,11 @@ def reduce_factor(F: Any, scale: float, group: Any) -> Any:
 
     Low-rank factors are gathered and merged in rank order, so every rank
     gets the same result.
+
+    Returns
+    -------
+    torch.Tensor or LowRankFactor
+        The same kind as `F`.
     """
     if isinstance(F, LowRankFactor):
         mine = (F * scale).to_state()

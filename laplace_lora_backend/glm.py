@@ -43,7 +43,13 @@ class JacobianBatch:
     head: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def to(self, device: torch.device | str) -> JacobianBatch:
-        """The batch on `device` (laplace-torch moves inputs with `.to`)."""
+        """The batch on `device` (laplace-torch moves inputs with `.to`).
+
+        Returns
+        -------
+        JacobianBatch
+            A new batch with every tensor moved to `device`.
+        """
         head = None
         if self.head is not None:
             W, b = self.head
@@ -65,6 +71,12 @@ class JacobianBatch:
             object's `functional_variance`).
         diagonal_output : bool, default=False
             Return the variances `(batch, C)` only.
+
+        Returns
+        -------
+        tuple[torch.Tensor, torch.Tensor]
+            Detached copies of the mean `(batch, C)` and the covariance
+            `(batch, C, C)` (the variances `(batch, C)` with `diagonal_output`).
         """
         var = functional_variance(self.Js)
         if self.head is None:

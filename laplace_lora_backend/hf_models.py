@@ -21,6 +21,10 @@ def is_hf_model(model: nn.Module) -> bool:
     """Whether `model` is a transformers model or a PEFT model around one.
 
     A PEFT model around a plain `nn.Module` is not: it is called as is.
+
+    Returns
+    -------
+    bool
     """
     from peft import PeftModel
     from transformers import PreTrainedModel
@@ -49,7 +53,13 @@ class HFLogitsModel(nn.Module):
         self.drop_keys = frozenset(drop_keys)
 
     def forward(self, batch: torch.Tensor | MutableMapping[str, Any]) -> torch.Tensor:
-        """Logits `(batch, outputs)` (or whatever shape the model returns)."""
+        """Logits `(batch, outputs)` (or whatever shape the model returns).
+
+        Returns
+        -------
+        torch.Tensor
+            The output's `.logits`, or the output itself if it has none.
+        """
         if isinstance(batch, torch.Tensor):
             out = self.model(input_ids=batch)
         else:
@@ -59,7 +69,13 @@ class HFLogitsModel(nn.Module):
 
 
 def as_logits_model(model: nn.Module, dict_key_y: str = "labels") -> nn.Module:
-    """Wrap transformers / PEFT models in `HFLogitsModel`; others unchanged."""
+    """Wrap transformers / PEFT models in `HFLogitsModel`; others unchanged.
+
+    Returns
+    -------
+    torch.nn.Module
+        An `HFLogitsModel` that drops `dict_key_y` from the batch, or `model`.
+    """
     if is_hf_model(model):
         return HFLogitsModel(model, drop_keys=(dict_key_y,))
     return model

@@ -174,7 +174,13 @@ class LoRALaplace(PriorTuning, LoRAPredictive, PosteriorIO, ParametricLaplace):
             _ = self.backend  # build it now: bad backend_kwargs fail here, not in fit
 
     def _lora_options(self) -> dict[str, Any]:
-        """Options of this structure that its LoRA backend takes."""
+        """Options of this structure that its LoRA backend takes.
+
+        Returns
+        -------
+        dict[str, Any]
+            Empty here; structures with backend options override it.
+        """
         return {}
 
     @property
@@ -284,14 +290,26 @@ class LoRALaplace(PriorTuning, LoRAPredictive, PosteriorIO, ParametricLaplace):
         prior_precision: torch.Tensor | None = None,
         sigma_noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Laplace's log marginal likelihood (see laplace-torch); needs `fit`."""
+        """Laplace's log marginal likelihood (see laplace-torch); needs `fit`.
+
+        Returns
+        -------
+        torch.Tensor
+            Scalar.
+        """
         self._check_fitted()
         return super().log_marginal_likelihood(prior_precision, sigma_noise)
 
     def sample(
         self, n_samples: int = 100, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Posterior samples of the LoRA weights `(n_samples, P)`; needs `fit`."""
+        """Posterior samples of the LoRA weights `(n_samples, P)`; needs `fit`.
+
+        Returns
+        -------
+        torch.Tensor
+            `(n_samples, P)`.
+        """
         self._check_fitted()
         return super().sample(n_samples, generator)
 
@@ -390,7 +408,13 @@ class LoRALaplace(PriorTuning, LoRAPredictive, PosteriorIO, ParametricLaplace):
 
     # ------------------------------------------ structure hooks (overridden)
     def _curvature_per_weight(self) -> list[torch.Tensor]:
-        """The fitted curvature of each LoRA weight (diag: entries, full: rows)."""
+        """The fitted curvature of each LoRA weight (diag: entries, full: rows).
+
+        Returns
+        -------
+        list[torch.Tensor]
+            One per LoRA weight: its slice of `H` along the first dimension.
+        """
         return list(self.H.split([p.numel() for p in self.params]))
 
     def _reduce_curvature(self, group: Any, input_scale: float) -> None:
@@ -415,6 +439,10 @@ class LoRALaplace(PriorTuning, LoRAPredictive, PosteriorIO, ParametricLaplace):
 
         A `Likelihood` enum would be pickled as a class reference, which
         ``torch.load(..., weights_only=True)`` refuses.
+
+        Returns
+        -------
+        dict[str, Any]
         """
         self._check_fitted()
         state = super().state_dict()
@@ -428,7 +456,14 @@ class LoRALaplace(PriorTuning, LoRAPredictive, PosteriorIO, ParametricLaplace):
         self._mark_loaded()
 
     def constructor_settings(self) -> dict[str, Any]:
-        """Keyword arguments that rebuild this object (saved with the posterior)."""
+        """Keyword arguments that rebuild this object (saved with the posterior).
+
+        Returns
+        -------
+        dict[str, Any]
+            Constructor keyword arguments; the `backend_kwargs` without those
+            the constructor derives from the other settings.
+        """
         backend_kwargs = dict(self._backend_kwargs)
         if self._uses_lora_backend:  # set by the constructor from the below
             for key in ("lora_modules", *self._lora_options()):

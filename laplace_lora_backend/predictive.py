@@ -52,6 +52,12 @@ class LoRAPredictive:
         GLM predictive. With ``center_logits=True`` (the default) the probit
         link is applied to zero-sum logits (`laplace_lora_backend.glm.probit`);
         the other links are laplace-torch's.
+
+        Returns
+        -------
+        torch.Tensor or tuple[torch.Tensor, torch.Tensor]
+            Classification: `(batch, C)` class probabilities. Regression: the
+            mean and the predictive variance (covariance with `joint`).
         """
         self._check_prediction_input(x)
         if (
@@ -75,7 +81,13 @@ class LoRAPredictive:
         )
 
     def functional_samples(self, x: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Function-space samples (see laplace-torch); checks the batch first."""
+        """Function-space samples (see laplace-torch); checks the batch first.
+
+        Returns
+        -------
+        torch.Tensor
+            `(n_samples, batch, C)`.
+        """
         self._check_prediction_input(x)
         return super().functional_samples(x, *args, **kwargs)
 
@@ -115,7 +127,21 @@ class LoRAPredictive:
     def _glm_predictive_distribution(
         self, X: Any, joint: bool = False, diagonal_output: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """GLM mean and covariance of the outputs (`X` may be a `JacobianBatch`)."""
+        """GLM mean and covariance of the outputs (`X` may be a `JacobianBatch`).
+
+        Returns
+        -------
+        f_mu : torch.Tensor
+            `(batch, C)`; `(batch * C,)` with `joint`.
+        f_var : torch.Tensor
+            `(batch, C, C)`, `(batch, C)` with `diagonal_output`, or
+            `(batch * C, batch * C)` with `joint`.
+
+        Raises
+        ------
+        ValueError
+            If `joint` is requested for a `JacobianBatch` of feature Jacobians.
+        """
         if not isinstance(X, JacobianBatch):
             if joint or not self._uses_lora_backend:
                 return super()._glm_predictive_distribution(X, joint, diagonal_output)
@@ -154,7 +180,13 @@ class LoRAPredictive:
     def _sampled_outputs(
         self, X: Any, n_samples: int, generator=None, **model_kwargs: Any
     ) -> Iterator[torch.Tensor]:
-        """Model outputs with LoRA weights drawn from the posterior."""
+        """Model outputs with LoRA weights drawn from the posterior.
+
+        Yields
+        ------
+        torch.Tensor
+            The model's `(batch, C)` outputs for one posterior sample.
+        """
         X = X.to(self._device) if isinstance(X, torch.Tensor) else X
         if self.enable_backprop:
             # differentiable: each sample enters a functional call as

@@ -78,18 +78,36 @@ class PriorChoice:
     grid_losses: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-data copy (for JSON)."""
+        """Plain-data copy (for JSON).
+
+        Returns
+        -------
+        dict[str, Any]
+            The fields by name.
+        """
         return asdict(self)
 
 
 def nll(probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood of integer labels under `probs` `(n, C)`."""
+    """Mean negative log-likelihood of integer labels under `probs` `(n, C)`.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar (probabilities clamped at 1e-12).
+    """
     p = probs.gather(-1, y.long().reshape(-1, 1)).clamp_min(1e-12)
     return -p.log().mean()
 
 
 def _evaluate(loss: Loss | Any, out: torch.Tensor, y: torch.Tensor) -> float:
-    """Loss of predictions `out` on targets `y`; a torchmetrics metric is reset."""
+    """Loss of predictions `out` on targets `y`; a torchmetrics metric is reset.
+
+    Returns
+    -------
+    float
+        The loss, summed if it is not a scalar.
+    """
     if hasattr(loss, "reset") and hasattr(loss, "update"):
         loss.reset()
         loss.update(out, y)
@@ -145,7 +163,14 @@ def score(
 
 
 def map_loss(batches: Batches, likelihood: str, loss: Loss | Any = nll) -> float:
-    """Validation loss of MAP's predictive (softmax of the GLM mean)."""
+    """Validation loss of MAP's predictive (softmax of the GLM mean).
+
+    Returns
+    -------
+    float
+        `loss` of the softmax of the means (the means themselves for
+        regression) over all batches.
+    """
     outs, ys = [], []
     for jb, y in batches:
         mu = jb.moments(lambda Js: Js.new_zeros(Js.shape[0], 1, 1))[0]
@@ -166,6 +191,13 @@ def grid_search(
 
     Every point is scored on the cached Jacobians; the object's prior
     precision is left at the last grid point (callers set the winner).
+
+    Returns
+    -------
+    best : int
+        Index into `grid` of the lowest loss (the first one on ties).
+    losses : list[float]
+        The validation loss of every grid point.
     """
     losses = [score(la, batches, loss, link_approx, n_samples, p) for p in grid]
     best = min(range(len(grid)), key=losses.__getitem__)

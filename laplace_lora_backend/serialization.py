@@ -145,7 +145,18 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def _plain(value: Any) -> Any:
-    """JSON value of a setting (enums by value); raises `_NotSerialisable`."""
+    """JSON value of a setting (enums by value); raises `_NotSerialisable`.
+
+    Returns
+    -------
+    Any
+        None, a bool, number or string, or lists / dicts of them.
+
+    Raises
+    ------
+    _NotSerialisable
+        If `value` (or an item of it) has no JSON form.
+    """
     if isinstance(value, Enum):
         value = value.value
     if value is None or isinstance(value, bool | int | float | str):
@@ -162,6 +173,20 @@ def _flatten(obj: Any, path: list[str], tensors: dict[str, torch.Tensor]) -> Any
 
     Tensors are detached, copied to the CPU (no shared storage) and made
     contiguous, as safetensors requires.
+
+    Returns
+    -------
+    Any
+        The JSON tree: tensors as ``{"__tensor__": key}`` (with ``"permute"``
+        for permuted layouts), dicts as ``{"__dict__": ...}``, tuples as
+        ``{"__tuple__": [...]}``.
+
+    Raises
+    ------
+    ValueError
+        If two tensors map to the same key.
+    TypeError
+        If a dict has non-string keys, or an entry is of an unsupported type.
     """
     if isinstance(obj, torch.Tensor):
         key = ".".join(path) or "tensor"
@@ -207,6 +232,12 @@ def _layout_permutation(t: torch.Tensor) -> list[int] | None:
     strides `(1, d)`). Matrix products on another layout may differ in the
     last bit, so such tensors are stored as ``t.permute(perm)`` (contiguous)
     and permuted back on load, which restores the strides.
+
+    Returns
+    -------
+    list[int] or None
+        The permutation; None for contiguous tensors, tensors of fewer than
+        2 dimensions, or layouts that no permutation makes contiguous.
     """
     if t.dim() < 2 or t.is_contiguous():
         return None
@@ -229,9 +260,14 @@ def _decode_lora_modules(value: Any) -> Any:
 def _encode_settings(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """JSON form of constructor settings (`LoRALaplace.constructor_settings`).
 
-    Returns the settings and the names of those that cannot be written (a
-    backend class outside laplace / laplace_lora_backend, kwargs holding
-    objects): they must be passed again to `load_posterior`.
+    Returns
+    -------
+    settings : dict[str, Any]
+        The settings that can be written.
+    omitted : list[str]
+        Names of those that cannot (a backend class outside laplace /
+        laplace_lora_backend, kwargs holding objects): they must be passed
+        again to `load_posterior`.
     """
     settings: dict[str, Any] = {}
     omitted: list[str] = []
@@ -330,13 +366,17 @@ def load_posterior(
         in names, order or shapes; the message names the first mismatch.
     FileNotFoundError
         If a posterior file is missing.
+    ValueError
+        If the JSON is not a posterior of the format version this code reads,
+        the saved settings build another class than the saved one, or the
+        weights file holds tensors the JSON state does not reference.
 
     Warns
     -----
     UserWarning
         If the model's LoRA weights are not the saved posterior mean (another
         adapter checkpoint with the same shapes), or settings are missing.
-    """
+    """  # noqa: DOC502 (AdapterMismatchError: raised by _check_lora_weights)
     directory = Path(directory)
     config = read_posterior_config(directory)
     settings = dict(config["settings"])
@@ -452,7 +492,18 @@ class _Cast:
 
 
 def _unflatten(tree: Any, tensors: dict[str, torch.Tensor], cast: _Cast) -> Any:
-    """Inverse of `_flatten`."""
+    """Inverse of `_flatten`.
+
+    Returns
+    -------
+    Any
+        The state, its tensors passed through `cast`.
+
+    Raises
+    ------
+    ValueError
+        If a referenced tensor is missing from `tensors`.
+    """
     if isinstance(tree, list):
         return [_unflatten(v, tensors, cast) for v in tree]
     if isinstance(tree, dict):
@@ -479,7 +530,13 @@ def _check_lora_weights(
     found: list[tuple[str, list[int]]],
     directory: Path,
 ) -> None:
-    """Raise `AdapterMismatchError` naming the first differing LoRA weight."""
+    """Raise `AdapterMismatchError` naming the first differing LoRA weight.
+
+    Raises
+    ------
+    AdapterMismatchError
+        If the names, order or shapes of `found` differ from `expected`.
+    """
     exp = [(w["name"], list(w["shape"])) for w in expected]
     message = _first_mismatch(exp, found)
     if message is not None:
@@ -531,7 +588,13 @@ def _first_mismatch(
 
 
 def _rank_hint(name: str, expected: list[int], found: list[int]) -> str:
-    """`` (LoRA rank r=4 saved, r=8 in the model)`` when only `r` differs."""
+    """`` (LoRA rank r=4 saved, r=8 in the model)`` when only `r` differs.
+
+    Returns
+    -------
+    str
+        The hint, or ``""``.
+    """
     if len(expected) != 2 or len(found) != 2:
         return ""
     r_dim = 0 if ".lora_A." in name else 1 if ".lora_B." in name else None

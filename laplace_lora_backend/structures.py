@@ -26,7 +26,13 @@ __all__ = ["LoRAKronLaplace", "LoRADiagLaplace", "LoRAFullLaplace"]
 
 
 def _factor_sum(F: Any) -> torch.Tensor:
-    """A scalar whose finiteness is that of factor `F` (dense or low-rank)."""
+    """A scalar whose finiteness is that of factor `F` (dense or low-rank).
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar: the sum of the entries (of `U`, `s`, `trace` if low-rank).
+    """
     if isinstance(F, torch.Tensor):
         return F.sum()
     return sum(v.sum() for v in F.to_state().values() if isinstance(v, torch.Tensor))
@@ -117,7 +123,13 @@ class LoRAKronLaplace(LoRALaplace, KronLaplace):
         return dict(self.lowrank_options)
 
     def constructor_settings(self) -> dict[str, Any]:
-        """Keyword arguments that rebuild this object (with `damping`)."""
+        """Keyword arguments that rebuild this object (with `damping`).
+
+        Returns
+        -------
+        dict[str, Any]
+            `LoRALaplace.constructor_settings` plus ``damping``.
+        """
         return {**super().constructor_settings(), "damping": self.damping}
 
     def _init_H(self) -> None:
@@ -147,7 +159,14 @@ class LoRAKronLaplace(LoRALaplace, KronLaplace):
         self.H_facs = self.H
 
     def state_dict(self) -> dict[str, Any]:
-        """State with low-rank factors stored as plain tensors and numbers."""
+        """State with low-rank factors stored as plain tensors and numbers.
+
+        Returns
+        -------
+        dict[str, Any]
+            laplace-torch's state; ``"H"`` as `LoRAKron.to_state` when the
+            factors are a `LoRAKron` (LoRA backends).
+        """
         state = super().state_dict()
         if isinstance(self.H_facs, LoRAKron):
             state["H"] = self.H_facs.to_state()

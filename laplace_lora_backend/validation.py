@@ -35,14 +35,24 @@ Signature = list[tuple[str, tuple[int, ...]]]
 
 
 def signature(weights: Sequence[LoRAWeight]) -> Signature:
-    """Names and shapes of LoRA weights, in order (what a posterior is over)."""
+    """Names and shapes of LoRA weights, in order (what a posterior is over).
+
+    Returns
+    -------
+    Signature
+        ``[(name, shape), ...]``.
+    """
     return [(w.name, tuple(w.param.shape)) for w in weights]
 
 
 def first_difference(before: Signature, after: Signature) -> str | None:
     """The first weight whose shape differs (or that is absent), else None.
 
-    ``"'name' (8, 64) before, None now"``; if only the order differs, says so.
+    Returns
+    -------
+    str or None
+        ``"'name' (8, 64) before, None now"``; if only the order differs,
+        says so; None if the signatures are equal.
     """
     if before == after:
         return None
@@ -67,6 +77,11 @@ def check_same_weights(fitted: Signature, now: Callable[[], Signature]) -> None:
     now : callable
         Finds the model's weights now (may raise `ValueError`, e.g. no LoRA
         layer left after merging).
+
+    Raises
+    ------
+    LoRAAdaptersChangedError
+        If `now` raises a `ValueError`, or its weights differ from `fitted`.
     """
     try:
         current = now()
@@ -85,7 +100,13 @@ def check_same_weights(fitted: Signature, now: Callable[[], Signature]) -> None:
 
 
 def check_batch_keys(x: Any, keys: Sequence[str]) -> None:
-    """Raise `BatchKeyError` if dict batch `x` lacks one of `keys`."""
+    """Raise `BatchKeyError` if dict batch `x` lacks one of `keys`.
+
+    Raises
+    ------
+    BatchKeyError
+        If `x` is a dict without one of `keys` (other batches pass).
+    """
     if not isinstance(x, MutableMapping):
         return
     missing = [k for k in keys if k not in x]
@@ -105,13 +126,18 @@ def checked_batches(
 ) -> Iterator[Any]:
     """Iterate `loader`, checking the keys and targets of every batch.
 
+    Yields
+    ------
+    Any
+        The batches of `loader`, unchanged.
+
     Raises
     ------
     TypeError
         A batch that is neither an `(X, y)` pair nor a dict.
     ValueError
         Missing `dict_key_y`, or targets that do not fit the likelihood.
-    """
+    """  # noqa: DOC502 (ValueError: raised by check_batch_keys, check_targets)
     for data in loader:
         if isinstance(data, MutableMapping):
             check_batch_keys(data, [dict_key_y])
@@ -157,6 +183,11 @@ def check_curvature_finite(
         One tensor per LoRA weight whose finiteness is that weight's.
     names : Sequence[str]
     loss : float or torch.Tensor
+
+    Raises
+    ------
+    NonFiniteError
+        If a weight's curvature or the loss is NaN or Inf.
     """
     bad = first_non_finite(list(per_weight), list(names))
     loss_ok = bool(torch.isfinite(torch.as_tensor(loss)).all())

@@ -126,7 +126,17 @@ REFERENCE: dict[str, str] = {
 
 
 def contender(name: str) -> Contender:
-    """The contender called `name`."""
+    """The contender called `name`.
+
+    Returns
+    -------
+    Contender
+
+    Raises
+    ------
+    ValueError
+        If no contender is called `name`.
+    """
     for c in CONTENDERS:
         if c.name == name:
             return c

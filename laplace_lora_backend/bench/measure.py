@@ -33,7 +33,13 @@ def sync() -> None:
 
 
 def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
-    """Seconds of `repeats` calls of `fn` after `warmup` calls."""
+    """Seconds of `repeats` calls of `fn` after `warmup` calls.
+
+    Returns
+    -------
+    list[float]
+        Wall-clock seconds of each timed call (GPU work synchronised).
+    """
     for _ in range(warmup):
         fn()
     out = []
@@ -83,6 +89,11 @@ def timed_ratio(
     when the timed warm-up of `fn` says they would exceed `budget_s`.
     `first_s`: the time of a warm-up call the caller already made (then `fn`
     is not warmed up again).
+
+    Returns
+    -------
+    Timing
+        Medians over the runs made (the warm-up alone when `runs` is 0).
     """
     base()
     (first,) = timed(fn, 1, warmup=0) if first_s is None else (first_s,)
@@ -106,20 +117,39 @@ def timed_ratio(
 
 
 def rss_bytes() -> int:
-    """Resident memory of this process now (Linux `/proc`)."""
+    """Resident memory of this process now (Linux `/proc`).
+
+    Returns
+    -------
+    int
+        Bytes (resident pages times 4096).
+    """
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far."""
+    """Peak resident memory of this process so far.
+
+    Returns
+    -------
+    int
+        Bytes (`ru_maxrss`, read as KiB as on Linux).
+    """
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def error_message(exc: BaseException) -> str:
-    """``"TypeName: first line"`` of an exception, for result tables."""
+    """``"TypeName: first line"`` of an exception, for result tables.
+
+    Returns
+    -------
+    str
+        The type name and the first line of the message (at most 160
+        characters of it).
+    """
     first = (str(exc).splitlines() or [""])[0]
     return f"{type(exc).__name__}: {first[:160]}"
 
@@ -203,10 +233,14 @@ def run_limited(
 ) -> Any:
     """`fn(*args)` in a spawned child with a time and address-space limit.
 
-    The child uses `threads` torch threads (default: the parent's).
+    The child uses `threads` torch threads (default: the parent's). `fn`
+    must be importable (module level).
 
-    Returns its (picklable) result, or ``{"error": ...}`` on an exception,
-    a timeout or a crash. `fn` must be importable (module level).
+    Returns
+    -------
+    Any
+        The (picklable) result of `fn`, or ``{"error": message}`` on an
+        exception, a timeout or a crash of the child.
     """
     ctx = mp.get_context("spawn")  # fork can deadlock torch's thread pool
     queue = ctx.Queue()

@@ -59,7 +59,14 @@ def _models(cells: list[dict], mem_gib: float) -> list[str]:
 
 
 def render(result: dict, json_path: str = "benchmarks/results/bench.json") -> str:
-    """The README block (without the markers) for a suite `result`."""
+    """The README block (without the markers) for a suite `result`.
+
+    Returns
+    -------
+    str
+        Markdown: the targets table, the SmolLM2 Kronecker contenders, the
+        width-4096 layer and the predictive-vs-outputs tables (those present).
+    """
     meta = result["meta"]
     md_path = str(Path(json_path).with_suffix(".md"))
     lines = [
@@ -110,7 +117,13 @@ def render(result: dict, json_path: str = "benchmarks/results/bench.json") -> st
 
 
 def update_readme(json_path: str, readme: str = "README.md") -> None:
-    """Replace the README's generated block with `render` of `json_path`."""
+    """Replace the README's generated block with `render` of `json_path`.
+
+    Raises
+    ------
+    ValueError
+        If `readme` lacks the `BEGIN` or the `END` marker.
+    """
     text = Path(readme).read_text()
     if BEGIN not in text or END not in text:
         raise ValueError(f"{readme} has no {BEGIN!r} ... {END!r} block to replace.")

@@ -94,6 +94,14 @@ def model_cell(
     cell's). Each stage (fit, marglik, predictive) times a warm-up and up to
     `repeats` runs within `limit_s`; a stage that fails is reported with its
     error and the stages before it are kept.
+
+    Returns
+    -------
+    dict
+        The cell: ``"contender"``, the fit, marglik and predictive timings,
+        memory and factor size, the log marginal likelihood and the
+        predictive probabilities, or ``"error"`` / ``"marglik_error"`` /
+        ``"predict_error"`` for the stage that failed.
     """
     cell: dict[str, Any] = {"contender": name}
     wl = make().to(device)
@@ -174,6 +182,12 @@ def section_models(
     With `isolate`, each cell runs in a fresh child process (peak memory is
     then the cell's own; time limit: 4 stages of `limit_s`; address space
     `mem_gib`). Otherwise in this process (the quick smoke test).
+
+    Returns
+    -------
+    list of dict
+        Per workload: ``{"workload", "meta", "cells"}``, the cells with their
+        agreement with the reference contender.
     """
     out = []
     for make in workloads:
@@ -197,7 +211,13 @@ def section_models(
 
 
 def _address_limit(gib: float, device: str) -> int | None:
-    """Child address-space limit; none on CUDA (its driver maps far more)."""
+    """Child address-space limit; none on CUDA (its driver maps far more).
+
+    Returns
+    -------
+    int or None
+        `gib` in bytes on CPU, None on CUDA.
+    """
     return int(gib * 2**30) if torch.device(device).type == "cpu" else None
 
 
@@ -211,6 +231,12 @@ def width_cell(
     `KronLaplace.fit` decomposes too) and its ratio to a plain
     forward+backward pass; peak RSS is the process's peak minus its RSS
     before the first fit.
+
+    Returns
+    -------
+    dict
+        ``runs``, ``fit_s``, ``fit_x``, ``factor_mib``, ``peak_rss_mib`` and
+        ``peak_cuda_mib``.
     """
     wl = wide_layer(d).to(device)
     la = contender(name).build(wl.model)
@@ -253,6 +279,12 @@ def section_widths(
     A dense cell is not run when its factor and eigenvectors would not fit in
     `mem_gib`, or when the cubic `eigh` cost extrapolated from the previous
     width exceeds twice the time limit; the reason is reported.
+
+    Returns
+    -------
+    list of dict
+        One row per (width, contender): ``width``, ``contender`` and the
+        `width_cell` measurements, or ``error``.
     """
     rows: list[dict] = []
     last: dict[str, dict] = {}
@@ -306,7 +338,14 @@ def _fitted_many_outputs(C: int, device: str = "cpu"):
 def upstream_predict_cell(
     C: int, repeats: int, limit_s: float, device: str = "cpu"
 ) -> dict:
-    """laplace-torch's GLM predictive on our posterior (child process)."""
+    """laplace-torch's GLM predictive on our posterior (child process).
+
+    Returns
+    -------
+    dict
+        ``predict_s``, ``predict_x`` (ratio to a forward pass), ``runs`` and
+        the predictive ``probs`` `(batch, C)` as nested lists.
+    """
     from laplace import KronLaplace
     from laplace.curvature import CurvlinopsGGN
 
@@ -336,7 +375,15 @@ def section_outputs(
     mem_gib: float,
     device: str = "cpu",
 ) -> list[dict]:
-    """GLM predictive vs outputs: ours here, laplace-torch in a limited child."""
+    """GLM predictive vs outputs: ours here, laplace-torch in a limited child.
+
+    Returns
+    -------
+    list of dict
+        One row per `C`: our time and ratio to a forward pass, and
+        laplace-torch's time, ratio, the speed-up and the max difference of
+        the probabilities, or ``laplace_torch_error``.
+    """
     rows = []
     for C in tqdm(classes, desc="outputs sweep"):
         wl, la = _fitted_many_outputs(C, device)
@@ -368,7 +415,14 @@ def section_outputs(
 
 # ------------------------------------------------------------------ report
 def fmt_number(v: Any, digits: int = 3) -> str:
-    """A table entry: floats to `digits` significant digits, None as "-"."""
+    """A table entry: floats to `digits` significant digits, None as "-".
+
+    Returns
+    -------
+    str
+        Floats outside ``[1e-3, 1e5)`` (except 0) in exponent notation; other
+        values as `str`.
+    """
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -379,7 +433,14 @@ def fmt_number(v: Any, digits: int = 3) -> str:
 
 
 def md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    """Markdown table lines; the first column left-aligned, the rest right."""
+    """Markdown table lines; the first column left-aligned, the rest right.
+
+    Returns
+    -------
+    list of str
+        The header, the alignment line and one line per row (entries through
+        `fmt_number`).
+    """
     align = ["---"] + ["---:"] * (len(header) - 1)
     out = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     out += ["| " + " | ".join(fmt_number(v) for v in row) + " |" for row in rows]
@@ -498,7 +559,14 @@ def targets(result: dict) -> list[dict]:
 
 
 def to_markdown(result: dict) -> str:
-    """The result as Markdown tables (the JSON holds every number)."""
+    """The result as Markdown tables (the JSON holds every number).
+
+    Returns
+    -------
+    str
+        The meta data, then the targets, models, width and outputs tables of
+        the sections present.
+    """
     lines = [f"# laplace-lora bench ({result['meta']['mode']})", ""]
     lines += [f"- {k}: {v}" for k, v in result["meta"].items()]
     if result.get("targets"):
@@ -670,6 +738,17 @@ def run_suite(
         Where models and data live (``"cpu"``, ``"cuda"``); on CUDA, peak
         memory is also reported as torch's peak allocation, and child
         processes get no address-space limit.
+
+    Returns
+    -------
+    dict
+        ``"meta"``, one entry per section run and ``"targets"`` (as written to
+        the JSON file).
+
+    Raises
+    ------
+    ValueError
+        If `device` is CUDA and torch sees no CUDA device.
     """
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but torch sees no CUDA device.")

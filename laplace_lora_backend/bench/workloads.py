@@ -50,7 +50,13 @@ class Workload:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to(self, device: str | torch.device) -> Workload:
-        """Move the model and every batch to `device` (in place); returns self."""
+        """Move the model and every batch to `device` (in place).
+
+        Returns
+        -------
+        Workload
+            This workload.
+        """
         self.model.to(device)
         self.train = [{k: v.to(device) for k, v in b.items()} for b in self.train]
         self.test = {k: v.to(device) for k, v in self.test.items()}
@@ -97,6 +103,17 @@ def tiny_lm(
 
     The outputs are the logits of `C` answer tokens at the last position
     (`AnswerTokenClassifier`, lm_head frozen).
+
+    Returns
+    -------
+    Workload
+        `n` random training sequences of `tokens` tokens in batches of
+        `batch_size`, and one random test batch.
+
+    Raises
+    ------
+    ValueError
+        If `arch` is neither ``"llama"`` nor ``"gpt2"``.
     """
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -140,7 +157,14 @@ def tiny_lm(
 
 
 def smollm2(n: int = 64, max_length: int = 48, batch_size: int = 8) -> Workload:
-    """SmolLM2-135M-Instruct, LoRA on q, v and the trimmed lm_head, drug reviews."""
+    """SmolLM2-135M-Instruct, LoRA on q, v and the trimmed lm_head, drug reviews.
+
+    Returns
+    -------
+    Workload
+        The first `n` training reviews in batches of `batch_size`, and
+        `batch_size` test reviews (prompts of about `max_length` tokens).
+    """
     from peft import LoraConfig, get_peft_model
 
     data = load_dataset("drugreview")
@@ -187,7 +211,14 @@ class _WideLayer(nn.Module):
 def wide_layer(
     d: int, n: int = 32, tokens: int = 16, C: int = 3, batch_size: int = 8
 ) -> Workload:
-    """One LoRA layer of width `d` (the width sweep)."""
+    """One LoRA layer of width `d` (the width sweep).
+
+    Returns
+    -------
+    Workload
+        `n` random `(tokens, d)` inputs in batches of `batch_size`, and one
+        test batch of `batch_size`.
+    """
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
@@ -213,7 +244,13 @@ def wide_layer(
 def many_outputs(
     C: int, n: int = 16, tokens: int = 16, batch_size: int = 8
 ) -> Workload:
-    """2-layer toy Llama (hidden 64) reading `C` answer tokens (outputs sweep)."""
+    """2-layer toy Llama (hidden 64) reading `C` answer tokens (outputs sweep).
+
+    Returns
+    -------
+    Workload
+        A `tiny_lm` workload.
+    """
     return tiny_lm(
         "llama",
         hidden=64,

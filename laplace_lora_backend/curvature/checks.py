@@ -77,7 +77,14 @@ def check_targets(y: torch.Tensor, n_outputs: int | None, likelihood: str) -> No
 def first_non_finite(
     tensors: Sequence[torch.Tensor | None], names: Sequence[str]
 ) -> str | None:
-    """Name of the first tensor holding NaN or Inf, or None."""
+    """Name of the first tensor holding NaN or Inf, or None.
+
+    Returns
+    -------
+    str or None
+        The entry of `names` of the first such tensor (None entries of
+        `tensors` are skipped); None if all are finite.
+    """
     for t, name in zip(tensors, names, strict=True):
         if t is not None and not bool(torch.isfinite(t).all()):
             return name
@@ -97,6 +104,11 @@ def check_finite(
         The LoRA weights' parameter names.
     what : str
         What the tensors are ("inputs", "output gradients", ...).
+
+    Raises
+    ------
+    NonFiniteError
+        If a tensor holds NaN or Inf.
     """
     name = first_non_finite(tensors, names)
     if name is not None:

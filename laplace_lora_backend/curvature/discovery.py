@@ -144,7 +144,7 @@ def find_lora_weights(
     UnsupportedLoRALayerError
         If a selected layer is merged, disabled, uses a LoRA variant (DoRA...)
         or is not a linear LoRA layer.
-    """
+    """  # noqa: DOC502 (UnsupportedLoRALayerError: raised by _check_supported)
     match = _matcher(lora_modules)
     all_layers = lora_layer_names(model)
     if not all_layers:
@@ -229,6 +229,12 @@ def lora_init(model: nn.Module, adapter: str) -> bool | str | None:
     Read from the ``peft_config`` of the `peft.PeftModel` (or tuner model)
     inside `model`: ``True`` (the default: `lora_A` Kaiming-uniform),
     ``"gaussian"``, or a data-dependent initialisation (``"pissa"``, ...).
+
+    Returns
+    -------
+    bool or str or None
+        The first ``init_lora_weights`` found for `adapter`; None if no
+        ``peft_config`` holds `adapter`.
     """
     for module in model.modules():
         config = getattr(module, "peft_config", None)

@@ -46,7 +46,14 @@ class DenseFactor:
         self.gram.addmm_(rows.T, weighted)
 
     def value(self, scale: float = 1.0) -> torch.Tensor:
-        """The accumulated factor times `scale`, `(d, d)`."""
+        """The accumulated factor times `scale`, `(d, d)`.
+
+        Returns
+        -------
+        torch.Tensor
+            `(d, d)`; the accumulator's own tensor (not a copy) when `scale`
+            is 1.
+        """
         return self.gram * scale if scale != 1.0 else self.gram
 
 
@@ -118,6 +125,14 @@ class LowRankAccumulator:
         self.factor = f.merge(new)
 
     def value(self, scale: float = 1.0) -> LowRankFactor:
-        """The accumulated factor times `scale`."""
+        """The accumulated factor times `scale`.
+
+        Pending rows are merged first.
+
+        Returns
+        -------
+        LowRankFactor
+            Rank `k` (the accumulator's own factor when `scale` is 1).
+        """
         self._flush()
         return self.factor * scale if scale != 1.0 else self.factor

@@ -133,7 +133,13 @@ class LoRAInterface(CurvatureInterface):
         self.lowrank.check_lora_rank(max(min(w.param.shape) for w in self.lora_weights))
 
     def _new_factor(self, dim: int) -> DenseFactor | LowRankAccumulator:
-        """Accumulator for a factor of side `dim` (low-rank if wide)."""
+        """Accumulator for a factor of side `dim` (low-rank if wide).
+
+        Returns
+        -------
+        DenseFactor or LowRankAccumulator
+            Empty, in `compute_dtype` on the LoRA weights' device.
+        """
         dtype, device = self.compute_dtype, self.params[0].device
         if self.lowrank.is_lowrank(dim):
             return LowRankAccumulator(
@@ -142,7 +148,13 @@ class LoRAInterface(CurvatureInterface):
         return DenseFactor(dim, dtype, device)
 
     def init_kron(self) -> LoRAKron:
-        """Zero `LoRAKron` with this backend's dense / low-rank layout."""
+        """Zero `LoRAKron` with this backend's dense / low-rank layout.
+
+        Returns
+        -------
+        LoRAKron
+            One zero block ``[F_out, F_in]`` per LoRA weight.
+        """
         return LoRAKron.init_from_shapes(
             [tuple(w.param.shape) for w in self.lora_weights],
             self.compute_dtype,
@@ -182,6 +194,11 @@ class LoRAInterface(CurvatureInterface):
         """Recorded layer inputs; raise if one is missing or not finite.
 
         Non-finite outputs with finite LoRA inputs are reported too.
+
+        Returns
+        -------
+        list[torch.Tensor]
+            One input tensor per LoRA weight.
         """
         inputs = rec.checked_inputs()
         check_finite(inputs, self._names, "inputs")
@@ -190,7 +207,13 @@ class LoRAInterface(CurvatureInterface):
         return inputs
 
     def _loss(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Summed loss in `compute_dtype`, after checking the targets."""
+        """Summed loss in `compute_dtype`, after checking the targets.
+
+        Returns
+        -------
+        torch.Tensor
+            Scalar.
+        """
         check_targets(y, f.shape[-1], self.likelihood)
         if y.is_floating_point():  # regression / soft targets in the same dtype
             y = y.to(self.compute_dtype)
@@ -231,6 +254,12 @@ class LoRAInterface(CurvatureInterface):
             `(batch, outputs, P)`.
         f : torch.Tensor
             `(batch, outputs)`.
+
+        Raises
+        ------
+        ValueError
+            If `enable_backprop` is set, or the model does not return a
+            `(batch, outputs)` tensor.
         """
         if enable_backprop:
             raise ValueError(
@@ -271,7 +300,10 @@ class LoRAInterface(CurvatureInterface):
     ) -> list[torch.Tensor | None]:
         """Gradients of ``sum(f * V[k])`` w.r.t. each LoRA output, stacked over k.
 
-        Returns one `(k, batch, *shared, out)` tensor (or None) per module.
+        Returns
+        -------
+        list[torch.Tensor or None]
+            One `(k, batch, *shared, out)` tensor per module (None if unused).
         """
         try:
             return list(
@@ -303,6 +335,11 @@ class LoRAInterface(CurvatureInterface):
 
         `grads[i]` is `(k, batch, *shared, out)` (or None if unused); the
         weight gradient of example `b` is ``sum_t g[b, t] a[b, t]^T``.
+
+        Returns
+        -------
+        torch.Tensor
+            `(batch, k, P)` in `compute_dtype` (zeros for unused weights).
         """
         B = inputs[0].shape[0]
         out = []
@@ -357,6 +394,11 @@ class LoRAInterface(CurvatureInterface):
 
         One backward pass to the LoRA layer outputs; the weight gradients are
         formed per example from those and the layer `inputs`.
+
+        Returns
+        -------
+        torch.Tensor
+            `(batch, P)`.
         """
         grads = torch.autograd.grad(
             scalar, outputs, retain_graph=retain_graph, allow_unused=True
@@ -449,6 +491,11 @@ class LoRAInterface(CurvatureInterface):
 
         The q, k and v projections of a layer share their input, so their
         `lora_A` input factors are computed once.
+
+        Returns
+        -------
+        list[DenseFactor or LowRankAccumulator]
+            One per LoRA weight (shared inputs share the same object).
         """
         factors: list[DenseFactor | LowRankAccumulator] = []
         seen: dict[tuple, DenseFactor | LowRankAccumulator] = {}
@@ -569,6 +616,11 @@ class LoRAGGN(LoRAInterface, GGNInterface):
         """Square root `S` of the loss Hessian w.r.t. `f`, `(batch, C, C)`.
 
         ``S S^T`` is the Hessian of the summed loss for each example.
+
+        Returns
+        -------
+        torch.Tensor
+            `(batch, C, C)` in `compute_dtype`.
         """
         B, C = f.shape
         if self.likelihood == Likelihood.REGRESSION:
@@ -593,5 +645,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
     float32 for float16 / bfloat16 (their sums of squares overflow or lose
     every digit); the weights' own dtype otherwise.
+
+    Returns
+    -------
+    torch.dtype
     """
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -35,6 +35,10 @@ class KFACApprox(str, Enum):
 def parse_kfac_approx(value: KFACApprox | str) -> KFACApprox:
     """Validate a `kfac_approx` option.
 
+    Returns
+    -------
+    KFACApprox
+
     Raises
     ------
     ValueError
@@ -51,7 +55,19 @@ def parse_kfac_approx(value: KFACApprox | str) -> KFACApprox:
 
 
 def _token_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
-    """The `(batch, tokens)` mask that applies to `x`, or None if all count."""
+    """The `(batch, tokens)` mask that applies to `x`, or None if all count.
+
+    Returns
+    -------
+    torch.Tensor or None
+        `mask` in the dtype of `x`; None without a mask, for inputs that are
+        not `(batch, tokens, d)` or whose token count differs from the mask's.
+
+    Raises
+    ------
+    ValueError
+        If the batch sizes of `x` and `mask` differ.
+    """
     if mask is None or x.ndim != 3:
         return None
     if x.shape[1] != mask.shape[1]:

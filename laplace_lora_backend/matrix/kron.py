@@ -66,6 +66,11 @@ class LoRAKron(Kron):
 
         Sides that `lowrank` compresses get a rank-0 `LowRankFactor`, others a
         dense zero matrix; `lowrank=None` keeps everything dense.
+
+        Returns
+        -------
+        LoRAKron
+            One block ``[F_out, F_in]`` per shape.
         """
         lowrank = lowrank or LowRankOptions()
 
@@ -79,7 +84,19 @@ class LoRAKron(Kron):
         return cls([[zero(out), zero(inp)] for out, inp in shapes])
 
     def __add__(self, other: Kron) -> LoRAKron:
-        """Add factor by factor (low-rank factors are merged and re-truncated)."""
+        """Add factor by factor (low-rank factors are merged and re-truncated).
+
+        Returns
+        -------
+        LoRAKron
+            A new object; neither operand is changed.
+
+        Raises
+        ------
+        ValueError
+            If `other` is not a `Kron` with the same blocks, or a factor's
+            shape or storage (dense vs low-rank) differs.
+        """
         if not isinstance(other, Kron) or len(other.kfacs) != len(self.kfacs):
             raise ValueError(
                 "Can only add Kron objects with the same blocks (same LoRA weights)."
@@ -101,7 +118,13 @@ class LoRAKron(Kron):
     __radd__ = __add__
 
     def __mul__(self, scalar: float | torch.Tensor) -> LoRAKron:
-        """Multiply by a scalar, spread evenly over the factors of a block."""
+        """Multiply by a scalar, spread evenly over the factors of a block.
+
+        Returns
+        -------
+        LoRAKron
+            A new object.
+        """
         return LoRAKron([[F * pow(scalar, 1 / len(b)) for F in b] for b in self.kfacs])
 
     __rmul__ = __mul__
@@ -135,11 +158,23 @@ class LoRAKron(Kron):
 
     # dense references and upstream helpers (tests, small models)
     def to_matrix(self) -> torch.Tensor:
-        """Dense block-diagonal matrix; tests only."""
+        """Dense block-diagonal matrix; tests only.
+
+        Returns
+        -------
+        torch.Tensor
+            `(P, P)`.
+        """
         return Kron([[_dense(F) for F in b] for b in self.kfacs]).to_matrix()
 
     def diag(self) -> torch.Tensor:
-        """Diagonal of the whole Kronecker factorisation."""
+        """Diagonal of the whole Kronecker factorisation.
+
+        Returns
+        -------
+        torch.Tensor
+            `(P,)`.
+        """
         out = []
         for F_out, F_in in self.kfacs:
             d_out, d_in = (_factor_diag(F) for F in (F_out, F_in))
@@ -147,17 +182,39 @@ class LoRAKron(Kron):
         return torch.cat(out)
 
     def logdet(self) -> torch.Tensor:
-        """Log-determinant (without prior); uses `decompose`."""
+        """Log-determinant (without prior); uses `decompose`.
+
+        Returns
+        -------
+        torch.Tensor
+            Scalar.
+        """
         return self.decompose().logdet()
 
     def bmm(self, W: torch.Tensor, exponent: float = 1) -> torch.Tensor:
-        """``self @ W`` (exponent 1 only, as upstream `Kron.bmm`)."""
+        """``self @ W`` (exponent 1 only, as upstream `Kron.bmm`).
+
+        Returns
+        -------
+        torch.Tensor
+            Shaped like `W` (see `LoRAKronDecomposed.bmm`).
+
+        Raises
+        ------
+        ValueError
+            If `exponent` is not 1.
+        """
         if exponent != 1:
             raise ValueError("Only exponent 1 before decomposition; decompose first.")
         return self.decompose().bmm(W, exponent=1)
 
     def factor_bytes(self) -> int:
-        """Bytes held by all factors (what fitting keeps in memory)."""
+        """Bytes held by all factors (what fitting keeps in memory).
+
+        Returns
+        -------
+        int
+        """
         total = 0
         for block in self.kfacs:
             for F in block:
@@ -169,7 +226,14 @@ class LoRAKron(Kron):
 
     # ---------------------------------------------------------------- storage
     def to_state(self) -> list[list[Any]]:
-        """Factors as tensors and plain dicts (torch.save/load friendly)."""
+        """Factors as tensors and plain dicts (torch.save/load friendly).
+
+        Returns
+        -------
+        list[list[Any]]
+            Per block, dense factors as tensors and low-rank ones as their
+            `LowRankFactor.to_state` dicts.
+        """
         return [
             [F.to_state() if isinstance(F, LowRankFactor) else F for F in b]
             for b in self.kfacs
@@ -177,7 +241,12 @@ class LoRAKron(Kron):
 
     @classmethod
     def from_state(cls, state: list[list[Any]]) -> LoRAKron:
-        """Inverse of `to_state`."""
+        """Inverse of `to_state`.
+
+        Returns
+        -------
+        LoRAKron
+        """
         return cls(
             [
                 [LowRankFactor.from_state(F) if isinstance(F, dict) else F for F in b]

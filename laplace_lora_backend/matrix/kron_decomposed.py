@@ -56,14 +56,31 @@ class LoRAKronDecomposed(KronDecomposed):
 
     # ------------------------------------------------------------ arithmetic
     def __add__(self, deltas: torch.Tensor) -> LoRAKronDecomposed:
-        """Add a prior precision (scalar or one per block)."""
+        """Add a prior precision (scalar or one per block).
+
+        Returns
+        -------
+        LoRAKronDecomposed
+            A new object sharing the eigendecomposition.
+        """
         self._check_deltas(deltas)
         return LoRAKronDecomposed(
             self.eigenvectors, self.eigenvalues, self.deltas + deltas, self.damping
         )
 
     def __mul__(self, scalar: float | torch.Tensor) -> LoRAKronDecomposed:
-        """Multiply the curvature (not the prior) by a scalar."""
+        """Multiply the curvature (not the prior) by a scalar.
+
+        Returns
+        -------
+        LoRAKronDecomposed
+            A new object with the same eigenvectors and prior.
+
+        Raises
+        ------
+        ValueError
+            If `scalar` is not a real number or a one-element tensor.
+        """
         if not _is_scalar(scalar):
             raise ValueError("Invalid argument, can only multiply Kron with scalar.")
         eigenvalues = [
@@ -78,13 +95,26 @@ class LoRAKronDecomposed(KronDecomposed):
     __rmul__ = __mul__
 
     def detach(self) -> LoRAKronDecomposed:
-        """Detach the prior `deltas` from the autograd graph."""
+        """Detach the prior `deltas` from the autograd graph.
+
+        Returns
+        -------
+        LoRAKronDecomposed
+            This object (changed in place).
+        """
         self.deltas = self.deltas.detach()
         return self
 
     # -------------------------------------------------------------- helpers
     def _combine(self, a: torch.Tensor, b: torch.Tensor, delta: torch.Tensor):
-        """Eigenvalue of the block with factor eigenvalues `a`, `b`."""
+        """Eigenvalue of the block with factor eigenvalues `a`, `b`.
+
+        Returns
+        -------
+        torch.Tensor
+            ``a b + delta``, or ``(a + sqrt(delta)) (b + sqrt(delta))`` with
+            damping (broadcast shape of `a` and `b`).
+        """
         if self.damping:
             sd = torch.sqrt(delta)
             return (a + sd) * (b + sd)
@@ -96,6 +126,19 @@ class LoRAKronDecomposed(KronDecomposed):
         `mu` is None when the low-rank factor kept its full rank (no
         complement): its eigenvalue can then be 0 (``c = 0``, no prior) and
         must not enter ``0 * log(0)`` or ``inf * 0``.
+
+        Returns
+        -------
+        Q : torch.Tensor
+            `(n, n)` eigenvectors of the small factor.
+        U : torch.Tensor
+            `(d, k)` kept eigenvectors of the wide factor.
+        lam : torch.Tensor
+            `(n, k)` block eigenvalues on ``Q (x) U``.
+        mu : torch.Tensor or None
+            `(n,)` block eigenvalues on the complement of `U`.
+        wide_left : bool
+            Whether the wide factor is the output (left) factor.
         """
         wide_left = isinstance(block_vals[0], LowRankFactor)
         lr = block_vals[0] if wide_left else block_vals[1]
@@ -114,7 +157,13 @@ class LoRAKronDecomposed(KronDecomposed):
 
     # ---------------------------------------------------------------- logdet
     def logdet(self) -> torch.Tensor:
-        """Log-determinant of the posterior precision (closed form)."""
+        """Log-determinant of the posterior precision (closed form).
+
+        Returns
+        -------
+        torch.Tensor
+            Scalar.
+        """
         total = 0
         for vecs, vals, delta in zip(
             self.eigenvectors, self.eigenvalues, self.deltas, strict=True
@@ -134,7 +183,13 @@ class LoRAKronDecomposed(KronDecomposed):
 
     # ------------------------------------------------------------------- bmm
     def _bmm(self, W: torch.Tensor, exponent: float = -1) -> torch.Tensor:
-        """``P^exponent @ W`` for `W` `(batch, classes, params)`."""
+        """``P^exponent @ W`` for `W` `(batch, classes, params)`.
+
+        Returns
+        -------
+        torch.Tensor
+            `(batch, classes, params)`.
+        """
         B, K, P = W.shape
         W = W.reshape(B * K, P)
         out, cur = [], 0
@@ -173,6 +228,11 @@ class LoRAKronDecomposed(KronDecomposed):
         ----------
         W : torch.Tensor
             `(batch, classes, params)`, e.g. Jacobians.
+
+        Returns
+        -------
+        torch.Tensor
+            `(batch, classes, classes)`.
         """
         B, K, P = W.shape
         out = W.new_zeros(B, K, K)
@@ -206,7 +266,13 @@ class LoRAKronDecomposed(KronDecomposed):
 
     # ------------------------------------------------------------------ diag
     def diag(self, exponent: float = 1) -> torch.Tensor:
-        """Diagonal of ``P^exponent``, `(params,)`."""
+        """Diagonal of ``P^exponent``, `(params,)`.
+
+        Returns
+        -------
+        torch.Tensor
+            `(params,)`.
+        """
         out = []
         for vecs, vals, delta in zip(
             self.eigenvectors, self.eigenvalues, self.deltas, strict=True
@@ -227,7 +293,13 @@ class LoRAKronDecomposed(KronDecomposed):
 
     # -------------------------------------------------------- dense (tests)
     def to_matrix(self, exponent: float = 1) -> torch.Tensor:
-        """Dense ``P^exponent``; tests only (forms the full eigenbasis)."""
+        """Dense ``P^exponent``; tests only (forms the full eigenbasis).
+
+        Returns
+        -------
+        torch.Tensor
+            `(params, params)`, block-diagonal.
+        """
         blocks = []
         for vecs, vals, delta in zip(
             self.eigenvectors, self.eigenvalues, self.deltas, strict=True
@@ -245,7 +317,13 @@ class LoRAKronDecomposed(KronDecomposed):
 
 
 def _is_scalar(value: float | int | torch.Tensor) -> bool:
-    """A real number, or a tensor with one element and at most one dimension."""
+    """A real number, or a tensor with one element and at most one dimension.
+
+    Returns
+    -------
+    bool
+        False for `bool` values.
+    """
     if isinstance(value, bool):
         return False
     if isinstance(value, numbers.Real):  # also numpy scalars

@@ -32,6 +32,10 @@ class LowRankResidual(str, Enum):
 def parse_residual(value: LowRankResidual | str) -> LowRankResidual:
     """Validate a `lowrank_residual` option.
 
+    Returns
+    -------
+    LowRankResidual
+
     Raises
     ------
     ValueError
@@ -83,7 +87,13 @@ class LowRankOptions:
         object.__setattr__(self, "residual", parse_residual(self.residual))
 
     def is_lowrank(self, dim: int) -> bool:
-        """Whether a factor of side `dim` is kept low-rank."""
+        """Whether a factor of side `dim` is kept low-rank.
+
+        Returns
+        -------
+        bool
+            True if a `threshold` is set and ``dim >= threshold``.
+        """
         return self.threshold is not None and dim >= self.threshold
 
     def check_lora_rank(self, r_max: int) -> None:
@@ -145,7 +155,13 @@ class LowRankFactor:
         dtype: torch.dtype,
         device: torch.device | str | None = None,
     ) -> LowRankFactor:
-        """The zero factor of side `dim` (rank 0)."""
+        """The zero factor of side `dim` (rank 0).
+
+        Returns
+        -------
+        LowRankFactor
+            `U` `(dim, 0)`, `s` `(0,)`, trace 0.
+        """
         return cls(
             torch.zeros(dim, 0, dtype=dtype, device=device),
             torch.zeros(0, dtype=dtype, device=device),
@@ -162,7 +178,13 @@ class LowRankFactor:
         residual: LowRankResidual | str,
         dtype: torch.dtype,
     ) -> LowRankFactor:
-        """Truncated factor of ``rows.T @ rows`` (float64 SVD), `rows` `(n, d)`."""
+        """Truncated factor of ``rows.T @ rows`` (float64 SVD), `rows` `(n, d)`.
+
+        Returns
+        -------
+        LowRankFactor
+            Rank at most `rank`, in `dtype`, with the exact trace.
+        """
         U, s = _truncated_eig_of_gram(rows.T, rank)
         trace = rows.double().square().sum()
         return cls(U.to(dtype), s.to(dtype), trace.to(dtype), rank, residual)
@@ -204,12 +226,29 @@ class LowRankFactor:
         return torch.Size((self.dim, self.dim))
 
     def numel_stored(self) -> int:
-        """Numbers stored (U, s, trace), for memory accounting."""
+        """Numbers stored (U, s, trace), for memory accounting.
+
+        Returns
+        -------
+        int
+        """
         return self.U.numel() + self.s.numel() + 1
 
     # ------------------------------------------------------------ arithmetic
     def merge(self, other: LowRankFactor) -> LowRankFactor:
-        """Sum of two factors, re-truncated to `rank` (float64 SVD)."""
+        """Sum of two factors, re-truncated to `rank` (float64 SVD).
+
+        Returns
+        -------
+        LowRankFactor
+            A new factor of rank at most ``max(self.rank, other.rank)``; the
+            traces add exactly.
+
+        Raises
+        ------
+        ValueError
+            If `other` is not a `LowRankFactor` of the same side.
+        """
         if not isinstance(other, LowRankFactor) or other.dim != self.dim:
             raise ValueError("Can only add low-rank factors of the same side.")
         if other.s.numel() == 0:
@@ -233,7 +272,12 @@ class LowRankFactor:
         return self.merge(other)
 
     def add(self, other: LowRankFactor) -> LowRankFactor:
-        """Alias of `merge` (laplace's `Kron.__add__` calls ``F.add(G)``)."""
+        """Alias of `merge` (laplace's `Kron.__add__` calls ``F.add(G)``).
+
+        Returns
+        -------
+        LowRankFactor
+        """
         return self.merge(other)
 
     def __mul__(self, scalar: float | torch.Tensor) -> LowRankFactor:
@@ -243,12 +287,26 @@ class LowRankFactor:
 
     # ----------------------------------------------------------- dense (tests)
     def to_dense(self) -> torch.Tensor:
-        """Dense `(d, d)` matrix; for tests on small sides only."""
+        """Dense `(d, d)` matrix; for tests on small sides only.
+
+        Returns
+        -------
+        torch.Tensor
+            `(d, d)`.
+        """
         eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
         return (self.U * self.s) @ self.U.T + self.c * eye
 
     def full_eigenbasis(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Complete eigenbasis `(d, d)` and eigenvalues `(d,)`; tests only."""
+        """Complete eigenbasis `(d, d)` and eigenvalues `(d,)`; tests only.
+
+        Returns
+        -------
+        Q : torch.Tensor
+            `(d, d)` orthonormal, `U` first.
+        lam : torch.Tensor
+            `(d,)`: ``s + c``, then `c` for the complement.
+        """
         d, k = self.U.shape
         eye = torch.eye(d, dtype=self.dtype, device=self.device)
         Q, _ = torch.linalg.qr(torch.cat([self.U, eye], dim=1))
@@ -258,7 +316,13 @@ class LowRankFactor:
 
     # ---------------------------------------------------------------- storage
     def to_state(self) -> dict[str, torch.Tensor | int | str]:
-        """Plain dict of tensors and numbers (for `state_dict`)."""
+        """Plain dict of tensors and numbers (for `state_dict`).
+
+        Returns
+        -------
+        dict[str, torch.Tensor or int or str]
+            ``U``, ``s``, ``trace``, ``rank`` and ``residual``.
+        """
         return {
             "U": self.U,
             "s": self.s,
@@ -269,7 +333,12 @@ class LowRankFactor:
 
     @classmethod
     def from_state(cls, state: dict) -> LowRankFactor:
-        """Inverse of `to_state`."""
+        """Inverse of `to_state`.
+
+        Returns
+        -------
+        LowRankFactor
+        """
         return cls(
             state["U"], state["s"], state["trace"], state["rank"], state["residual"]
         )
@@ -284,8 +353,14 @@ class LowRankFactor:
 def _truncated_eig_of_gram(M: torch.Tensor, rank: int):
     """Top-`rank` eigenpairs of ``M M^T`` for `M` `(d, n)`, via float64 SVD.
 
-    Returns `U` `(d, k)` orthonormal and `s` `(k,)` (squared singular values),
-    `k = min(rank, numerical rank)`. Never forms a `d x d` matrix.
+    Never forms a `d x d` matrix.
+
+    Returns
+    -------
+    U : torch.Tensor
+        `(d, k)` orthonormal, float64, with `k = min(rank, numerical rank)`.
+    s : torch.Tensor
+        `(k,)` squared singular values, float64, descending.
     """
     M64 = M.double()
     if M64.shape[1] == 0:
