@@ -149,7 +149,12 @@ def _demo_config(cfg: BatteryConfig, case: Case) -> DemoConfig:
 
 
 def build_case_model(cfg: BatteryConfig, case: Case, data, seed: int):
-    """LoRA answer-token classifier with the case's placement (the demo's)."""
+    """LoRA answer-token classifier with the case's placement (the demo's).
+
+    Returns
+    -------
+    tuple[AnswerTokenClassifier, tokenizer]
+    """
     return build_model(_demo_config(cfg, case), data, seed)
 
 
@@ -158,6 +163,10 @@ def last_layer_modules(model) -> list[str] | str:
 
     ``lm_head`` if it has LoRA, else the LoRA layers of the last transformer
     block (a regex).
+
+    Returns
+    -------
+    list[str] or str
     """
     names = lora_layer_names(model)
     if any(n.endswith("lm_head") for n in names):
@@ -201,6 +210,14 @@ def fit_case_seed(cfg: BatteryConfig, case: Case, seed: int) -> dict[str, Any]:
 
     The expensive part; its artifacts are saved by `run_battery` so that
     `evaluate` can be re-run without a backward pass.
+
+    Returns
+    -------
+    dict
+        ``model`` (fine-tuned), ``labels`` and ``logits`` (MAP, val / test),
+        ``lora`` (the fine-tuned LoRA weights), ``states`` (the fitted
+        posteriors' `state_dict`), ``jacobians`` (`JacobianBatch` lists per
+        LoRA subset and split), ``timings``.
     """
     data = load_dataset(case.dataset)
     dcfg = _demo_config(cfg, case)
@@ -247,6 +264,11 @@ def evaluate(art: dict[str, Any], seed: int) -> dict[str, Any]:
     ``optimize_prior_precision()``, ``la(x)``: the library's defaults. Each
     Laplace method also reports ``flipped``: the fraction of test examples
     whose predicted class differs from MAP's.
+
+    Returns
+    -------
+    dict
+        One metrics dict per method, ``seed``, ``priors``, ``timings``.
     """
     model, labels, logits = art["model"], art["labels"], art["logits"]
     y = labels["test"]
@@ -319,7 +341,14 @@ def _mean_record(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def acceptance(record: dict[str, Any], method: str = "LA") -> dict[str, bool]:
-    """The issue's checks of one case's mean record for `method`."""
+    """The issue's checks of one case's mean record for `method`.
+
+    Returns
+    -------
+    dict[str, bool]
+        ``nll_le_1.02x_map``, ``ece_le_map_plus_1pt``, ``acc_ge_map_minus_1pt``
+        and, where MAP is overconfident, ``better_nll_and_ece``.
+    """
     la, mp = record[method], record["MAP"]
     overconfident = mp["confidence"] > mp["acc"]
     checks = {
@@ -333,7 +362,14 @@ def acceptance(record: dict[str, Any], method: str = "LA") -> dict[str, bool]:
 
 
 def aggregate(cfg: BatteryConfig, cases: list[Case] = CASES) -> dict[str, Any]:
-    """Summary JSON / Markdown / PNG from the run files in `cfg.output`."""
+    """Summary JSON / Markdown / PNG from the run files in `cfg.output`.
+
+    Returns
+    -------
+    dict
+        ``{"config": ..., "cases": [one record per case]}``, as written to
+        ``calibration.json``.
+    """
     out = Path(cfg.output)
     records = []
     for case in cases:
@@ -368,7 +404,13 @@ def _fmt(s: dict[str, float]) -> str:
 
 
 def summary_markdown(records: list[dict[str, Any]]) -> str:
-    """The two tables of the README: per case, and per method over the cases."""
+    """The two tables of the README: per case, and per method over the cases.
+
+    Returns
+    -------
+    str
+        Markdown.
+    """
     lines = [
         "| case | MAP conf - acc | MAP | TS | LA | LA-auto | LA checks | "
         "LA-auto checks |",
@@ -417,7 +459,13 @@ README_END = "<!-- calibration:end -->"
 
 
 def readme_block(summary: dict[str, Any]) -> str:
-    """The README's results block, rendered from `calibration.json`."""
+    """The README's results block, rendered from `calibration.json`.
+
+    Returns
+    -------
+    str
+        Markdown between the calibration markers (included).
+    """
     records = summary["cases"]
     cfg = summary["config"]
     seeds = len(cfg["seeds"])
@@ -440,7 +488,13 @@ def update_readme(summary: dict[str, Any], path: str | Path) -> None:
 
 
 def to_markdown(records: list[dict[str, Any]]) -> str:
-    """The summary tables, then every case and method (seed means)."""
+    """The summary tables, then every case and method (seed means).
+
+    Returns
+    -------
+    str
+        Markdown.
+    """
     lines = [
         summary_markdown(records),
         "| case | method | ACC (%) | ECE (%) | NLL | Brier | changed (%) |",
@@ -493,7 +547,13 @@ def _artifact_path(cfg: BatteryConfig, case: Case, seed: int) -> Path:
 
 
 def load_artifacts(cfg: BatteryConfig, case: Case, seed: int) -> dict[str, Any]:
-    """A run's saved artifacts, with the fine-tuned model rebuilt."""
+    """A run's saved artifacts, with the fine-tuned model rebuilt.
+
+    Returns
+    -------
+    dict
+        As `fit_case_seed` returns.
+    """
     art = torch.load(_artifact_path(cfg, case, seed), weights_only=False)
     data = load_dataset(case.dataset)
     model, _ = build_case_model(cfg, case, data, seed)
