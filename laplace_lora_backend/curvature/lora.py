@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -41,24 +41,21 @@ from laplace_lora_backend.curvature.discovery import (
     find_lora_weights,
     grad_enabled,
 )
-from laplace_lora_backend.curvature.factors import DenseFactor, LowRankAccumulator
 from laplace_lora_backend.curvature.hooks import ActivationRecorder
 from laplace_lora_backend.curvature.jacobians import Batch, LoRAJacobians
-from laplace_lora_backend.curvature.tokens import (
-    KFACApprox,
-    parse_kfac_approx,
-    token_rows,
-)
-from laplace_lora_backend.matrix import LoRAKron, LowRankResidual
+from laplace_lora_backend.curvature.kfac import LoRAKFAC
+from laplace_lora_backend.curvature.tokens import KFACApprox, parse_kfac_approx
+from laplace_lora_backend.matrix import LowRankResidual
 from laplace_lora_backend.matrix.lowrank import LowRankOptions
 
 __all__ = ["LoRAInterface", "LoRAGGN", "LoRAEF"]
 
 
-class LoRAInterface(LoRAJacobians, CurvatureInterface):
+class LoRAInterface(LoRAJacobians, LoRAKFAC, CurvatureInterface):
     """Curvature of the LoRA weights of a PEFT model, from module hooks.
 
-    Jacobians and per-example gradients come from `LoRAJacobians`.
+    Jacobians and per-example gradients come from `LoRAJacobians`, K-FAC
+    (`kron`, `init_kron`) from `LoRAKFAC`.
 
     Parameters
     ----------
@@ -132,36 +129,6 @@ class LoRAInterface(LoRAJacobians, CurvatureInterface):
         self.lowrank = LowRankOptions(lowrank_threshold, lowrank_rank, lowrank_residual)
         self.lowrank.check_lora_rank(max(min(w.param.shape) for w in self.lora_weights))
 
-    def _new_factor(self, dim: int) -> DenseFactor | LowRankAccumulator:
-        """Accumulator for a factor of side `dim` (low-rank if wide).
-
-        Returns
-        -------
-        DenseFactor or LowRankAccumulator
-            Empty, in `compute_dtype` on the LoRA weights' device.
-        """
-        dtype, device = self.compute_dtype, self.params[0].device
-        if self.lowrank.is_lowrank(dim):
-            return LowRankAccumulator(
-                dim, self.lowrank.rank, self.lowrank.residual, dtype, device
-            )
-        return DenseFactor(dim, dtype, device)
-
-    def init_kron(self) -> LoRAKron:
-        """Zero `LoRAKron` with this backend's dense / low-rank layout.
-
-        Returns
-        -------
-        LoRAKron
-            One zero block ``[F_out, F_in]`` per LoRA weight.
-        """
-        return LoRAKron.init_from_shapes(
-            [tuple(w.param.shape) for w in self.lora_weights],
-            self.compute_dtype,
-            self.params[0].device,
-            self.lowrank,
-        )
-
     # ------------------------------------------------------------------ helpers
     def _recorder(self, keep_outputs: bool = False) -> ActivationRecorder:
         return ActivationRecorder(
@@ -169,12 +136,6 @@ class LoRAInterface(LoRAJacobians, CurvatureInterface):
             [w.name for w in self.lora_weights],
             keep_outputs=keep_outputs,
         )
-
-    def _mask(self, x: Batch) -> torch.Tensor | None:
-        if self.mask_key is None or not isinstance(x, MutableMapping):
-            return None
-        mask = x.get(self.mask_key)
-        return None if mask is None else torch.as_tensor(mask)
 
     def _forward(self, x: Batch, features: bool = False) -> torch.Tensor:
         f = self.model.forward_features(x) if features else self.model(x)
@@ -219,12 +180,7 @@ class LoRAInterface(LoRAJacobians, CurvatureInterface):
             y = y.to(self.compute_dtype)
         return self.lossfunc(f.to(self.compute_dtype), y)
 
-    def _backward(self, scalar: torch.Tensor, retain_graph: bool) -> None:
-        torch.autograd.grad(
-            scalar, self.params, retain_graph=retain_graph, allow_unused=True
-        )
-
-    # ------------------------------------------------------------------- K-FAC
+    # --------------------------------------------------------- curvature type
     def _output_gradient_passes(
         self, f: torch.Tensor, y: torch.Tensor, mc_samples: int | None = None
     ):
@@ -236,95 +192,6 @@ class LoRAInterface(LoRAJacobians, CurvatureInterface):
         curvature (laplace-torch passes ``asdl_fisher_kwargs`` through).
         """
         raise NotImplementedError
-
-    def kron(
-        self, x: Batch, y: torch.Tensor, N: int, **kwargs: Any
-    ) -> tuple[torch.Tensor, LoRAKron]:
-        """K-FAC of the LoRA weights on one batch (laplace-torch convention).
-
-        Parameters
-        ----------
-        x : torch.Tensor or MutableMapping
-            Batch on the model's device.
-        y : torch.Tensor
-            Targets `(batch,)` (classification) or `(batch, outputs)`.
-        N : int
-            Data set size.
-        **kwargs
-            ``kfac_approx`` and ``mc_samples`` (MC Fisher) override the
-            backend's settings (laplace-torch passes ``asdl_fisher_kwargs``
-            here); others are ignored.
-
-        Returns
-        -------
-        loss : torch.Tensor
-            `factor * summed loss`.
-        kron : LoRAKron
-            One block ``[F_out, F_in]`` per LoRA weight (a `laplace.utils.Kron`;
-            wide factors are `LowRankFactor` if `lowrank_threshold` is set).
-        """
-        approx = parse_kfac_approx(kwargs.get("kfac_approx", self.kfac_approx))
-        mask = self._mask(x)
-        with torch.enable_grad(), grad_enabled(self.lora_weights):
-            with self._recorder() as rec:
-                f = self._forward(x)
-                inputs = self._checked_inputs(rec, f)
-                in_factors = self._input_factors(inputs, mask, approx)
-                out_factors = [
-                    self._new_factor(w.out_features) for w in self.lora_weights
-                ]
-                loss = self._loss(f, y)
-                passes = list(
-                    self._output_gradient_passes(f, y, kwargs.get("mc_samples"))
-                )
-                for k, (scalar, weight) in enumerate(passes):
-
-                    def on_grad(i, g, weight=weight):
-                        if not bool(torch.isfinite(g).all()):
-                            check_finite([g], [self._names[i]], "output gradients")
-                        g = g.to(self.compute_dtype)
-                        rows, w = token_rows(g, mask, approx, is_input=False)
-                        if weight != 1.0:
-                            rows = rows * math.sqrt(weight)
-                        out_factors[i].add(rows, w)
-
-                    rec.on_grad = on_grad
-                    self._backward(scalar, retain_graph=k < len(passes) - 1)
-        blocks = [
-            [G.value(), A.value(1.0 / N)]  # input factor: batch mean * M / N
-            for G, A in zip(out_factors, in_factors, strict=True)
-        ]
-        kron = LoRAKron(blocks)
-        kron *= self.factor
-        return self.factor * loss.detach(), kron
-
-    def _input_factors(
-        self,
-        inputs: list[torch.Tensor],
-        mask: torch.Tensor | None,
-        approx: KFACApprox,
-    ) -> list[DenseFactor | LowRankAccumulator]:
-        """Input factors, one accumulator per distinct input tensor.
-
-        The q, k and v projections of a layer share their input, so their
-        `lora_A` input factors are computed once.
-
-        Returns
-        -------
-        list[DenseFactor or LowRankAccumulator]
-            One per LoRA weight (shared inputs share the same object).
-        """
-        factors: list[DenseFactor | LowRankAccumulator] = []
-        seen: dict[tuple, DenseFactor | LowRankAccumulator] = {}
-        for w, a in zip(self.lora_weights, inputs, strict=True):
-            key = (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype)
-            if key not in seen:
-                acc = self._new_factor(w.in_features)
-                a = a.to(self.compute_dtype)
-                acc.add(*token_rows(a, mask, approx, is_input=True))
-                seen[key] = acc
-            factors.append(seen[key])
-        return factors
 
 
 class LoRAGGN(LoRAInterface, GGNInterface):

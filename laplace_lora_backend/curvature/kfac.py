@@ -1,0 +1,170 @@
+"""K-FAC of the LoRA weights from module hooks: the `LoRAKFAC` mixin.
+
+One forward pass records each LoRA linear's input; the input factors are
+built from those (once per distinct input tensor). Then one backward pass per
+``(scalar, weight)`` pair of the curvature type's `_output_gradient_passes`
+(one per output for the exact GGN, per sample for the MC Fisher, one for the
+empirical Fisher) feeds the output gradients into the output factors. Wide
+factors are accumulated as streaming low-rank factors (`LowRankOptions`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import MutableMapping
+from typing import Any
+
+import torch
+
+from laplace_lora_backend.curvature.checks import check_finite
+from laplace_lora_backend.curvature.discovery import grad_enabled
+from laplace_lora_backend.curvature.factors import DenseFactor, LowRankAccumulator
+from laplace_lora_backend.curvature.jacobians import Batch
+from laplace_lora_backend.curvature.tokens import (
+    KFACApprox,
+    parse_kfac_approx,
+    token_rows,
+)
+from laplace_lora_backend.matrix import LoRAKron
+
+__all__ = ["LoRAKFAC"]
+
+
+class LoRAKFAC:
+    """K-FAC of the LoRA weights: a mixin of `LoRAInterface`.
+
+    Uses the host's `lora_weights`, `params`, `compute_dtype`, `lowrank`,
+    `kfac_approx`, `mask_key`, `factor` and `_names`, its helpers
+    `_recorder`, `_forward`, `_checked_inputs` and `_loss`, and the curvature
+    type's `_output_gradient_passes`.
+    """
+
+    def _new_factor(self, dim: int) -> DenseFactor | LowRankAccumulator:
+        """Accumulator for a factor of side `dim` (low-rank if wide).
+
+        Returns
+        -------
+        DenseFactor or LowRankAccumulator
+            Empty, in `compute_dtype` on the LoRA weights' device.
+        """
+        dtype, device = self.compute_dtype, self.params[0].device
+        if self.lowrank.is_lowrank(dim):
+            return LowRankAccumulator(
+                dim, self.lowrank.rank, self.lowrank.residual, dtype, device
+            )
+        return DenseFactor(dim, dtype, device)
+
+    def init_kron(self) -> LoRAKron:
+        """Zero `LoRAKron` with this backend's dense / low-rank layout.
+
+        Returns
+        -------
+        LoRAKron
+            One zero block ``[F_out, F_in]`` per LoRA weight.
+        """
+        return LoRAKron.init_from_shapes(
+            [tuple(w.param.shape) for w in self.lora_weights],
+            self.compute_dtype,
+            self.params[0].device,
+            self.lowrank,
+        )
+
+    def _mask(self, x: Batch) -> torch.Tensor | None:
+        if self.mask_key is None or not isinstance(x, MutableMapping):
+            return None
+        mask = x.get(self.mask_key)
+        return None if mask is None else torch.as_tensor(mask)
+
+    def _backward(self, scalar: torch.Tensor, retain_graph: bool) -> None:
+        torch.autograd.grad(
+            scalar, self.params, retain_graph=retain_graph, allow_unused=True
+        )
+
+    def kron(
+        self, x: Batch, y: torch.Tensor, N: int, **kwargs: Any
+    ) -> tuple[torch.Tensor, LoRAKron]:
+        """K-FAC of the LoRA weights on one batch (laplace-torch convention).
+
+        Parameters
+        ----------
+        x : torch.Tensor or MutableMapping
+            Batch on the model's device.
+        y : torch.Tensor
+            Targets `(batch,)` (classification) or `(batch, outputs)`.
+        N : int
+            Data set size.
+        **kwargs
+            ``kfac_approx`` and ``mc_samples`` (MC Fisher) override the
+            backend's settings (laplace-torch passes ``asdl_fisher_kwargs``
+            here); others are ignored.
+
+        Returns
+        -------
+        loss : torch.Tensor
+            `factor * summed loss`.
+        kron : LoRAKron
+            One block ``[F_out, F_in]`` per LoRA weight (a `laplace.utils.Kron`;
+            wide factors are `LowRankFactor` if `lowrank_threshold` is set).
+        """
+        approx = parse_kfac_approx(kwargs.get("kfac_approx", self.kfac_approx))
+        mask = self._mask(x)
+        with torch.enable_grad(), grad_enabled(self.lora_weights):
+            with self._recorder() as rec:
+                f = self._forward(x)
+                inputs = self._checked_inputs(rec, f)
+                in_factors = self._input_factors(inputs, mask, approx)
+                out_factors = [
+                    self._new_factor(w.out_features) for w in self.lora_weights
+                ]
+                loss = self._loss(f, y)
+                passes = list(
+                    self._output_gradient_passes(f, y, kwargs.get("mc_samples"))
+                )
+                for k, (scalar, weight) in enumerate(passes):
+
+                    def on_grad(i, g, weight=weight):
+                        if not bool(torch.isfinite(g).all()):
+                            check_finite([g], [self._names[i]], "output gradients")
+                        g = g.to(self.compute_dtype)
+                        rows, w = token_rows(g, mask, approx, is_input=False)
+                        if weight != 1.0:
+                            rows = rows * math.sqrt(weight)
+                        out_factors[i].add(rows, w)
+
+                    rec.on_grad = on_grad
+                    self._backward(scalar, retain_graph=k < len(passes) - 1)
+        blocks = [
+            [G.value(), A.value(1.0 / N)]  # input factor: batch mean * M / N
+            for G, A in zip(out_factors, in_factors, strict=True)
+        ]
+        kron = LoRAKron(blocks)
+        kron *= self.factor
+        return self.factor * loss.detach(), kron
+
+    def _input_factors(
+        self,
+        inputs: list[torch.Tensor],
+        mask: torch.Tensor | None,
+        approx: KFACApprox,
+    ) -> list[DenseFactor | LowRankAccumulator]:
+        """Input factors, one accumulator per distinct input tensor.
+
+        The q, k and v projections of a layer share their input, so their
+        `lora_A` input factors are computed once.
+
+        Returns
+        -------
+        list[DenseFactor or LowRankAccumulator]
+            One per LoRA weight (shared inputs share the same object).
+        """
+        factors: list[DenseFactor | LowRankAccumulator] = []
+        seen: dict[tuple, DenseFactor | LowRankAccumulator] = {}
+        for w, a in zip(self.lora_weights, inputs, strict=True):
+            key = (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype)
+            if key not in seen:
+                acc = self._new_factor(w.in_features)
+                a = a.to(self.compute_dtype)
+                acc.add(*token_rows(a, mask, approx, is_input=True))
+                seen[key] = acc
+            factors.append(seen[key])
+        return factors
