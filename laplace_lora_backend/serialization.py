@@ -31,8 +31,6 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Mapping
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +41,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 
+from laplace_lora_backend._adapter_check import check_lora_weights
+from laplace_lora_backend._codec import (
+    Cast,
+    NotSerialisable,
+    atomic_write,
+    flatten,
+    plain,
+    unflatten,
+)
 from laplace_lora_backend._version import __version__
 from laplace_lora_backend.curvature.discovery import find_lora_weights
 from laplace_lora_backend.errors import AdapterMismatchError
@@ -66,10 +73,6 @@ FORMAT_VERSION = 1
 
 # backend classes are re-imported by name only from these packages
 _TRUSTED_BACKEND_PACKAGES = ("laplace_lora_backend", "laplace")
-
-
-class _NotSerialisable(TypeError):
-    pass
 
 
 # --------------------------------------------------------------------- save
@@ -103,7 +106,7 @@ def save_posterior(la: Any, directory: str | os.PathLike) -> None:
             f"got {type(la).__name__}."
         )
     tensors: dict[str, torch.Tensor] = {}
-    state_tree = _flatten(la.state_dict(), [], tensors)
+    state_tree = flatten(la.state_dict(), [], tensors)
     settings, omitted = _encode_settings(la.constructor_settings())
     config = {
         "format": FORMAT,
@@ -111,10 +114,10 @@ def save_posterior(la: Any, directory: str | os.PathLike) -> None:
         "laplace_lora_backend_version": __version__,
         "class": type(la).__name__,
         "key": list(type(la)._key),
-        "likelihood": _plain(la.likelihood),
+        "likelihood": plain(la.likelihood),
         "n_params": la.n_params,
-        "n_data": _plain(la.n_data),
-        "n_outputs": _plain(la.n_outputs),
+        "n_data": plain(la.n_data),
+        "n_outputs": plain(la.n_outputs),
         "dtype": str(la._dtype).removeprefix("torch."),
         "lora_weights": [
             {"name": w.name, "shape": list(w.param.shape)} for w in la.lora_weights
@@ -126,129 +129,17 @@ def save_posterior(la: Any, directory: str | os.PathLike) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "laplace_lora_format_version": str(FORMAT_VERSION)}
-    _atomic_write(
+    atomic_write(
         directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=metadata)
     )
     text = json.dumps(config, indent=2, allow_nan=True) + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file, so a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _plain(value: Any) -> Any:
-    """JSON value of a setting (enums by value); raises `_NotSerialisable`.
-
-    Returns
-    -------
-    Any
-        None, a bool, number or string, or lists / dicts of them.
-
-    Raises
-    ------
-    _NotSerialisable
-        If `value` (or an item of it) has no JSON form.
-    """
-    if isinstance(value, Enum):
-        value = value.value
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
-        return {k: _plain(v) for k, v in value.items()}
-    raise _NotSerialisable(type(value).__name__)
-
-
-def _flatten(obj: Any, path: list[str], tensors: dict[str, torch.Tensor]) -> Any:
-    """JSON tree of `obj`, each tensor moved to `tensors` and referenced by key.
-
-    Tensors are detached, copied to the CPU (no shared storage) and made
-    contiguous, as safetensors requires.
-
-    Returns
-    -------
-    Any
-        The JSON tree: tensors as ``{"__tensor__": key}`` (with ``"permute"``
-        for permuted layouts), dicts as ``{"__dict__": ...}``, tuples as
-        ``{"__tuple__": [...]}``.
-
-    Raises
-    ------
-    ValueError
-        If two tensors map to the same key.
-    TypeError
-        If a dict has non-string keys, or an entry is of an unsupported type.
-    """
-    if isinstance(obj, torch.Tensor):
-        key = ".".join(path) or "tensor"
-        if key in tensors:
-            raise ValueError(f"Two tensors of the state map to the key {key!r}.")
-        t = obj.detach()
-        perm = _layout_permutation(t)
-        if perm is not None:
-            t = t.permute(perm)
-        tensors[key] = t.to("cpu", copy=True).contiguous()
-        return (
-            {"__tensor__": key}
-            if perm is None
-            else {"__tensor__": key, "permute": perm}
-        )
-    if isinstance(obj, Mapping):
-        if not all(isinstance(k, str) for k in obj):
-            raise TypeError(f"State dict at {'.'.join(path)!r} has non-string keys.")
-        return {
-            "__dict__": {k: _flatten(v, [*path, k], tensors) for k, v in obj.items()}
-        }
-    if isinstance(obj, tuple):
-        return {
-            "__tuple__": [
-                _flatten(v, [*path, str(i)], tensors) for i, v in enumerate(obj)
-            ]
-        }
-    if isinstance(obj, list):
-        return [_flatten(v, [*path, str(i)], tensors) for i, v in enumerate(obj)]
-    try:
-        return _plain(obj)
-    except _NotSerialisable:
-        raise TypeError(
-            f"Cannot save state entry {'.'.join(path)!r} of type {type(obj).__name__}: "
-            "only tensors, numbers, strings, lists and dicts are supported."
-        ) from None
-
-
-def _layout_permutation(t: torch.Tensor) -> list[int] | None:
-    """Dimension order that makes `t` contiguous, if it is a permuted dense tensor.
-
-    LAPACK returns column-major eigenvectors (`U` of a low-rank factor has
-    strides `(1, d)`). Matrix products on another layout may differ in the
-    last bit, so such tensors are stored as ``t.permute(perm)`` (contiguous)
-    and permuted back on load, which restores the strides.
-
-    Returns
-    -------
-    list[int] or None
-        The permutation; None for contiguous tensors, tensors of fewer than
-        2 dimensions, or layouts that no permutation makes contiguous.
-    """
-    if t.dim() < 2 or t.is_contiguous():
-        return None
-    perm = sorted(range(t.dim()), key=lambda i: -t.stride(i))
-    return perm if t.permute(perm).is_contiguous() else None
+    atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
 
 
 def _encode_lora_modules(value: Any) -> Any:
     if isinstance(value, re.Pattern):
         return {"regex": value.pattern, "flags": int(value.flags)}
-    return _plain(value)
+    return plain(value)
 
 
 def _decode_lora_modules(value: Any) -> Any:
@@ -275,7 +166,7 @@ def _encode_settings(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         if key == "lora_modules":
             try:
                 settings[key] = _encode_lora_modules(value)
-            except _NotSerialisable:
+            except NotSerialisable:
                 omitted.append(key)
         elif key == "backend":
             if value.__module__.split(".")[0] in _TRUSTED_BACKEND_PACKAGES:
@@ -286,13 +177,13 @@ def _encode_settings(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             encoded = {}
             for k, v in (value or {}).items():
                 try:
-                    encoded[k] = _plain(v)
-                except _NotSerialisable:
+                    encoded[k] = plain(v)
+                except NotSerialisable:
                     omitted.append(f"{key}.{k}")
             if encoded or key == "backend_kwargs":
                 settings[key] = encoded
         else:
-            settings[key] = _plain(value)
+            settings[key] = plain(value)
     return settings, omitted
 
 
@@ -376,7 +267,7 @@ def load_posterior(
     UserWarning
         If the model's LoRA weights are not the saved posterior mean (another
         adapter checkpoint with the same shapes), or settings are missing.
-    """  # noqa: DOC502 (AdapterMismatchError: raised by _check_lora_weights)
+    """  # noqa: DOC502 (AdapterMismatchError: raised by check_lora_weights)
     directory = Path(directory)
     config = read_posterior_config(directory)
     settings = dict(config["settings"])
@@ -404,7 +295,7 @@ def load_posterior(
 
     wrapped = as_logits_model(model, settings.get("dict_key_y", "labels"))
     found = find_lora_weights(wrapped, settings.get("lora_modules"))
-    _check_lora_weights(
+    check_lora_weights(
         config["lora_weights"],
         [(w.name, list(w.param.shape)) for w in found],
         directory,
@@ -430,8 +321,8 @@ def load_posterior(
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing (the JSON settings exist).")
     tensors = load_file(path, device="cpu")
-    cast = _Cast(la._device, la._dtype)
-    state = _unflatten(config["state"], tensors, cast)
+    cast = Cast(la._device, la._dtype)
+    state = unflatten(config["state"], tensors, cast, WEIGHTS_NAME)
     if cast.casted:
         warnings.warn(
             f"The posterior in '{directory}' was saved in {config['dtype']}; its "
@@ -473,134 +364,6 @@ def _import_backend(spec: str) -> type[CurvatureInterface]:
     if not (isinstance(obj, type) and issubclass(obj, CurvatureInterface)):
         raise ValueError(f"Saved backend {spec!r} is not a curvature backend class.")
     return obj
-
-
-class _Cast:
-    """Moves loaded tensors to the model's device (and floating dtype)."""
-
-    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
-        self.device, self.dtype = device, dtype
-        self.casted = False
-        self.used: set[str] = set()
-
-    def __call__(self, key: str, t: torch.Tensor) -> torch.Tensor:
-        self.used.add(key)
-        if t.is_floating_point() and t.dtype != self.dtype:
-            self.casted = True
-            t = t.to(self.dtype)
-        return t.to(self.device)
-
-
-def _unflatten(tree: Any, tensors: dict[str, torch.Tensor], cast: _Cast) -> Any:
-    """Inverse of `_flatten`.
-
-    Returns
-    -------
-    Any
-        The state, its tensors passed through `cast`.
-
-    Raises
-    ------
-    ValueError
-        If a referenced tensor is missing from `tensors`.
-    """
-    if isinstance(tree, list):
-        return [_unflatten(v, tensors, cast) for v in tree]
-    if isinstance(tree, dict):
-        if "__tensor__" in tree:
-            key = tree["__tensor__"]
-            if key not in tensors:
-                raise ValueError(
-                    f"Tensor {key!r} of the JSON state is missing from {WEIGHTS_NAME}: "
-                    "the two files are from different saves."
-                )
-            t = cast(key, tensors[key])
-            if "permute" in tree:  # restore the saved memory layout
-                perm = tree["permute"]
-                t = t.permute(sorted(range(len(perm)), key=perm.__getitem__))
-            return t
-        if "__tuple__" in tree:
-            return tuple(_unflatten(v, tensors, cast) for v in tree["__tuple__"])
-        return {k: _unflatten(v, tensors, cast) for k, v in tree["__dict__"].items()}
-    return tree
-
-
-def _check_lora_weights(
-    expected: list[dict[str, Any]],
-    found: list[tuple[str, list[int]]],
-    directory: Path,
-) -> None:
-    """Raise `AdapterMismatchError` naming the first differing LoRA weight.
-
-    Raises
-    ------
-    AdapterMismatchError
-        If the names, order or shapes of `found` differ from `expected`.
-    """
-    exp = [(w["name"], list(w["shape"])) for w in expected]
-    message = _first_mismatch(exp, found)
-    if message is not None:
-        raise AdapterMismatchError(
-            f"Cannot load the Laplace posterior in '{directory}' on this model: "
-            f"{message} (saved posterior: {len(exp)} LoRA weights, model: "
-            f"{len(found)})."
-        )
-
-
-def _first_mismatch(
-    expected: list[tuple[str, list[int]]], found: list[tuple[str, list[int]]]
-) -> str | None:
-    exp_names = {n for n, _ in expected}
-    found_names = {n for n, _ in found}
-    same_setup = (
-        "Load the adapter the posterior was fitted with (same target_modules and r) "
-        "into the same base model, wrapped the same way, with the same lora_modules"
-    )
-    for i in range(max(len(expected), len(found))):
-        e = expected[i] if i < len(expected) else None
-        f = found[i] if i < len(found) else None
-        if e == f:
-            continue
-        if e is not None and e[0] not in found_names:
-            return (
-                f"LoRA weight '{e[0]}' (shape {tuple(e[1])}) of the saved posterior "
-                "is missing from the model: its adapter lacks this target module or "
-                f"names it differently. {same_setup}"
-            )
-        if f is not None and f[0] not in exp_names:
-            return (
-                f"the model has LoRA weight '{f[0]}' (shape {tuple(f[1])}) that the "
-                "saved posterior does not cover. Restrict the posterior's weights "
-                f"with lora_modules=..., or {same_setup[0].lower()}{same_setup[1:]}"
-            )
-        if e is not None and f is not None and e[0] == f[0]:
-            hint = _rank_hint(e[0], e[1], f[1])
-            return (
-                f"LoRA weight '{e[0]}' has shape {tuple(f[1])} in the model but "
-                f"{tuple(e[1])} in the saved posterior{hint}. {same_setup}"
-            )
-        return (
-            f"the LoRA weights are in a different order: position {i} is "
-            f"'{f[0] if f else None}' in the model but '{e[0] if e else None}' in "
-            f"the saved posterior. {same_setup}"
-        )
-    return None
-
-
-def _rank_hint(name: str, expected: list[int], found: list[int]) -> str:
-    """`` (LoRA rank r=4 saved, r=8 in the model)`` when only `r` differs.
-
-    Returns
-    -------
-    str
-        The hint, or ``""``.
-    """
-    if len(expected) != 2 or len(found) != 2:
-        return ""
-    r_dim = 0 if ".lora_A." in name else 1 if ".lora_B." in name else None
-    if r_dim is None or expected[1 - r_dim] != found[1 - r_dim]:
-        return ""
-    return f" (LoRA rank r={expected[r_dim]} saved, r={found[r_dim]} in the model)"
 
 
 class PosteriorIO:

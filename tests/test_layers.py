@@ -21,9 +21,11 @@ PKG = "laplace_lora_backend"
 # (or from its own sub-package, e.g. matrix.kron <- matrix.lowrank)
 LAYERS = {
     "_version": 0,
+    "_codec": 0,
     "errors": 0,
     "matrix": 0,
     "curvature": 1,
+    "_adapter_check": 2,
     "glm": 2,
     "hf_models": 2,
     "validation": 2,
