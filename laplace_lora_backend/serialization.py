@@ -26,30 +26,21 @@ predictive and samples equal the saved posterior's bit for bit.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from laplace import Laplace
-from laplace.curvature import CurvatureInterface
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 
 from laplace_lora_backend._adapter_check import check_lora_weights
-from laplace_lora_backend._codec import (
-    Cast,
-    NotSerialisable,
-    atomic_write,
-    flatten,
-    plain,
-    unflatten,
-)
+from laplace_lora_backend._codec import Cast, atomic_write, flatten, plain, unflatten
+from laplace_lora_backend._settings_codec import decode_settings, encode_settings
 from laplace_lora_backend._version import __version__
 from laplace_lora_backend.curvature.discovery import find_lora_weights
 from laplace_lora_backend.errors import AdapterMismatchError
@@ -70,9 +61,6 @@ WEIGHTS_NAME = "laplace_posterior.safetensors"
 CONFIG_NAME = "laplace_posterior.json"
 FORMAT = "laplace_lora_posterior"
 FORMAT_VERSION = 1
-
-# backend classes are re-imported by name only from these packages
-_TRUSTED_BACKEND_PACKAGES = ("laplace_lora_backend", "laplace")
 
 
 # --------------------------------------------------------------------- save
@@ -107,7 +95,7 @@ def save_posterior(la: Any, directory: str | os.PathLike) -> None:
         )
     tensors: dict[str, torch.Tensor] = {}
     state_tree = flatten(la.state_dict(), [], tensors)
-    settings, omitted = _encode_settings(la.constructor_settings())
+    settings, omitted = encode_settings(la.constructor_settings())
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -134,57 +122,6 @@ def save_posterior(la: Any, directory: str | os.PathLike) -> None:
     )
     text = json.dumps(config, indent=2, allow_nan=True) + "\n"
     atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
-
-
-def _encode_lora_modules(value: Any) -> Any:
-    if isinstance(value, re.Pattern):
-        return {"regex": value.pattern, "flags": int(value.flags)}
-    return plain(value)
-
-
-def _decode_lora_modules(value: Any) -> Any:
-    if isinstance(value, dict):
-        return re.compile(value["regex"], value["flags"])
-    return value
-
-
-def _encode_settings(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """JSON form of constructor settings (`LoRALaplace.constructor_settings`).
-
-    Returns
-    -------
-    settings : dict[str, Any]
-        The settings that can be written.
-    omitted : list[str]
-        Names of those that cannot (a backend class outside laplace /
-        laplace_lora_backend, kwargs holding objects): they must be passed
-        again to `load_posterior`.
-    """
-    settings: dict[str, Any] = {}
-    omitted: list[str] = []
-    for key, value in raw.items():
-        if key == "lora_modules":
-            try:
-                settings[key] = _encode_lora_modules(value)
-            except NotSerialisable:
-                omitted.append(key)
-        elif key == "backend":
-            if value.__module__.split(".")[0] in _TRUSTED_BACKEND_PACKAGES:
-                settings[key] = f"{value.__module__}:{value.__qualname__}"
-            else:
-                omitted.append(key)
-        elif key in ("backend_kwargs", "asdl_fisher_kwargs"):
-            encoded = {}
-            for k, v in (value or {}).items():
-                try:
-                    encoded[k] = plain(v)
-                except NotSerialisable:
-                    omitted.append(f"{key}.{k}")
-            if encoded or key == "backend_kwargs":
-                settings[key] = encoded
-        else:
-            settings[key] = plain(value)
-    return settings, omitted
 
 
 # --------------------------------------------------------------------- load
@@ -270,29 +207,28 @@ def load_posterior(
     """  # noqa: DOC502 (AdapterMismatchError: raised by check_lora_weights)
     directory = Path(directory)
     config = read_posterior_config(directory)
-    settings = dict(config["settings"])
-    settings["lora_modules"] = _decode_lora_modules(settings.get("lora_modules"))
-    if "backend" in settings:
-        settings["backend"] = _import_backend(settings["backend"])
-    user_backend_kwargs = laplace_kwargs.pop("backend_kwargs", None) or {}
-    settings["backend_kwargs"] = {
-        **settings.get("backend_kwargs", {}),
-        **user_backend_kwargs,
-    }
-    settings.update(laplace_kwargs)
-    missing = [
-        name
-        for name in config["omitted"]
-        if name not in laplace_kwargs
-        and name.removeprefix("backend_kwargs.") not in user_backend_kwargs
-    ]
-    if missing:
-        warnings.warn(
-            f"The saved posterior in '{directory}' could not store {missing}; "
-            "defaults are used. Pass them to load_posterior / from_pretrained.",
-            stacklevel=2,
-        )
+    settings = decode_settings(config, laplace_kwargs, directory)
+    la = _build_posterior(model, config, settings, directory)
+    _restore_state(la, config, directory)
+    _warn_if_not_at_mean(la)
+    return la
 
+
+def _build_posterior(
+    model: nn.Module, config: dict[str, Any], settings: dict[str, Any], directory: Path
+) -> Any:
+    """Check the model's adapter, then build the saved class, unfitted.
+
+    Returns
+    -------
+    LoRALaplace
+        Built by `laplace.Laplace` from the saved key and `settings`.
+
+    Raises
+    ------
+    ValueError
+        If the settings build another class than the saved one.
+    """
     wrapped = as_logits_model(model, settings.get("dict_key_y", "labels"))
     found = find_lora_weights(wrapped, settings.get("lora_modules"))
     check_lora_weights(
@@ -316,7 +252,19 @@ def load_posterior(
             f"built a {type(la).__name__}. Import the module defining "
             f"{config['class']} before loading."
         )
+    return la
 
+
+def _restore_state(la: Any, config: dict[str, Any], directory: Path) -> None:
+    """Load the saved tensors into `la` (cast to its device and dtype).
+
+    Raises
+    ------
+    FileNotFoundError
+        If the weights file is missing.
+    ValueError
+        If it holds tensors the JSON state does not reference.
+    """
     path = directory / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing (the JSON settings exist).")
@@ -328,7 +276,7 @@ def load_posterior(
             f"The posterior in '{directory}' was saved in {config['dtype']}; its "
             f"tensors were cast to the model's {la._dtype}. Results will not be "
             "bit-identical to the saved posterior.",
-            stacklevel=2,
+            stacklevel=3,
         )
     unused = set(tensors) - cast.used
     if unused:
@@ -338,6 +286,9 @@ def load_posterior(
         )
     la.load_state_dict(state)
 
+
+def _warn_if_not_at_mean(la: Any) -> None:
+    """Warn if the model's LoRA weights are not the posterior mean."""
     with torch.no_grad():
         current = parameters_to_vector(la.params)
     mean = la.mean.detach()
@@ -346,24 +297,8 @@ def load_posterior(
             "The model's LoRA weights differ from the mean of the saved posterior: "
             "the adapter is not the one the posterior was fitted at. Predictions "
             "use the model's weights; load the matching adapter checkpoint.",
-            stacklevel=2,
+            stacklevel=3,
         )
-    return la
-
-
-def _import_backend(spec: str) -> type[CurvatureInterface]:
-    module_name, _, qualname = spec.partition(":")
-    if module_name.split(".")[0] not in _TRUSTED_BACKEND_PACKAGES:
-        raise ValueError(
-            f"Saved backend {spec!r} is outside {_TRUSTED_BACKEND_PACKAGES}; pass "
-            "backend=... to load_posterior."
-        )
-    obj: Any = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    if not (isinstance(obj, type) and issubclass(obj, CurvatureInterface)):
-        raise ValueError(f"Saved backend {spec!r} is not a curvature backend class.")
-    return obj
 
 
 class PosteriorIO:

@@ -26,6 +26,7 @@ LAYERS = {
     "matrix": 0,
     "curvature": 1,
     "_adapter_check": 2,
+    "_settings_codec": 2,
     "glm": 2,
     "hf_models": 2,
     "validation": 2,
