@@ -6,17 +6,17 @@ adapters, selected by module (not by `requires_grad`), and the default backend
 is `LoRAGGN`. The structure classes are in `laplace_lora_backend.structures`.
 
 The predictives live in `laplace_lora_backend.predictive`, prior tuning in
-`laplace_lora_backend.prior`, input checks in `laplace_lora_backend.validation`,
-saving in `laplace_lora_backend.serialization` and the combination of ranks in
-`laplace_lora_backend.distributed`; this module holds the constructor, the
-fitted state and `fit`.
+`laplace_lora_backend.prior`, the prior precision's checks in
+`laplace_lora_backend.lora_prior`, the fitted / unfitted contract and
+`state_dict` in `laplace_lora_backend.fitted_state`, input checks in
+`laplace_lora_backend.validation`, saving in `laplace_lora_backend.serialization`
+and the combination of ranks in `laplace_lora_backend.distributed`; this module
+holds the constructor and `fit`.
 """
 
 from __future__ import annotations
 
-import math
 import re
-import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -33,18 +33,16 @@ from laplace_lora_backend.distributed import (
     combine_ranks,
     reduce_tensor,
 )
-from laplace_lora_backend.errors import NotFittedError
+from laplace_lora_backend.fitted_state import FittedState
 from laplace_lora_backend.hf_models import as_logits_model
+from laplace_lora_backend.lora_prior import LoRAPrior
 from laplace_lora_backend.predictive import LoRAPredictive
 from laplace_lora_backend.prior import PriorChoice, PriorTuning
 from laplace_lora_backend.serialization import PosteriorIO
 from laplace_lora_backend.validation import (
     CheckedLoader,
-    check_batch_keys,
     check_curvature_finite,
-    check_same_weights,
     checked_batches,
-    signature,
 )
 
 __all__ = ["LoRALaplace"]
@@ -53,7 +51,9 @@ LoRAModules = str | Sequence[str] | re.Pattern | None
 _EMPTY_LOADER = "train_loader is empty: fit needs at least one batch of training data."
 
 
-class LoRALaplace(PriorTuning, LoRAPredictive, PosteriorIO, ParametricLaplace):
+class LoRALaplace(
+    LoRAPrior, FittedState, PriorTuning, LoRAPredictive, PosteriorIO, ParametricLaplace
+):
     """Base of the LoRA Laplace classes: laplace-torch's, over the LoRA weights.
 
     Parameters
@@ -95,11 +95,6 @@ class LoRALaplace(PriorTuning, LoRAPredictive, PosteriorIO, ParametricLaplace):
         What ``optimize_prior_precision(method="auto")`` chose.
     """
 
-    # laplace-torch's contract for an unfitted object: the diagonal and full
-    # classes hold zero curvature, so their posterior is the prior (predictive
-    # and log_prob work); KronLaplace has no factors before fit and raises.
-    _unfitted_is_prior: bool = True
-
     def __init__(
         self,
         model: torch.nn.Module,
@@ -120,24 +115,12 @@ class LoRALaplace(PriorTuning, LoRAPredictive, PosteriorIO, ParametricLaplace):
         center_logits: bool = True,
         **structure_kwargs: Any,
     ) -> None:
-        if likelihood not in (Likelihood.CLASSIFICATION, Likelihood.REGRESSION):
-            raise ValueError(
-                f"{type(self).__name__} supports likelihood='classification' or "
-                f"'regression', got {likelihood!r}. For reward modelling use "
-                "laplace-torch's own classes."
-            )
+        _check_likelihood(type(self).__name__, likelihood)
         model = as_logits_model(model, dict_key_y)
         backend = backend or LoRAGGN
-        backend_kwargs = dict(backend_kwargs or {})
-        if isinstance(backend, type) and issubclass(backend, LoRAInterface):
-            given = set(backend_kwargs) & {"lora_modules", *self._lora_options()}
-            if given:
-                raise ValueError(
-                    f"Pass {sorted(given)} to Laplace(...) directly, not in "
-                    "backend_kwargs: the Laplace object selects the LoRA weights "
-                    "and hands them to its backend."
-                )
-            backend_kwargs.update(lora_modules=lora_modules, **self._lora_options())
+        backend_kwargs = _lora_backend_kwargs(
+            backend, backend_kwargs, lora_modules, self._lora_options()
+        )
         self.lora_weights = find_lora_weights(model, lora_modules)
         self.lora_modules = lora_modules
         self.process_group = process_group
@@ -197,126 +180,6 @@ class LoRALaplace(PriorTuning, LoRAPredictive, PosteriorIO, ParametricLaplace):
         """Whether the model needs `dict_key_x` in a dict batch."""
         return bool(getattr(self.model, "reads_dict_key_x", False))
 
-    # ---------------------------------------------------------- prior
-    @property
-    def prior_precision(self) -> torch.Tensor:
-        """Prior precision: scalar, per LoRA weight or per parameter (> 0)."""
-        return self._prior_precision
-
-    @prior_precision.setter
-    def prior_precision(self, prior_precision: float | torch.Tensor) -> None:
-        try:
-            value = torch.as_tensor(prior_precision).detach()
-            if value.is_complex() or value.dtype == torch.bool:
-                raise TypeError
-        except (TypeError, RuntimeError, ValueError):
-            raise ValueError(
-                "prior_precision must be a positive number or a 1-D tensor (one "
-                f"value, one per LoRA weight, or one per parameter); got "
-                f"{prior_precision!r} of type {type(prior_precision).__name__}."
-            ) from None
-        if value.numel() == 0 or not bool((value > 0).all() & value.isfinite().all()):
-            raise ValueError(
-                f"prior_precision must be positive and finite, got {prior_precision}"
-                "; it is the inverse prior variance (e.g. 1.0, or tune it with "
-                "optimize_prior_precision)."
-            )
-        # laplace-torch's setter of the structure class (shape checks after
-        # assigning): keep the previous value if it refuses
-        previous = self.__dict__.get("_prior_precision")
-        try:
-            super(LoRALaplace, type(self)).prior_precision.fset(self, prior_precision)
-        except ValueError:
-            if previous is not None:
-                self._prior_precision = previous
-            raise
-
-    def log_prob(self, value: torch.Tensor, normalized: bool = True) -> torch.Tensor:
-        """Log density of `value` `(P,)` under the posterior (the prior before fit).
-
-        Returns
-        -------
-        torch.Tensor
-            A scalar.
-        """
-        if self._is_fitted:
-            return super().log_prob(value, normalized)
-        delta = self.prior_precision_diag
-        log_prob = -0.5 * (delta * (value - self.prior_mean).square()).sum()
-        if normalized:
-            log_prob = log_prob + 0.5 * (
-                delta.log().sum() - self.n_params * math.log(2 * math.pi)
-            )
-        return log_prob
-
-    # ---------------------------------------------------------- fitted state
-    def _not_fitted(self) -> NotFittedError:
-        return NotFittedError(
-            f"{type(self).__name__} is not fitted: call la.fit(train_loader) "
-            "before predicting, sampling, computing the evidence or tuning "
-            "the prior (or load a fitted state with load_state_dict)."
-        )
-
-    def _check_H_init(self) -> None:
-        if self._is_fitted or (self._unfitted_is_prior and self.H is not None):
-            return  # unfitted diag / full: zero curvature, the prior
-        raise self._not_fitted()
-
-    def _check_fitted(self) -> None:
-        """Evidence, sampling, prior tuning and saving need a fitted posterior."""
-        if not self._is_fitted:
-            raise self._not_fitted()
-
-    def _check_prediction_input(self, x: Any) -> None:
-        """Before predicting: fitted (or warn), same LoRA weights, batch keys."""
-        if not self._is_fitted:
-            if not self._unfitted_is_prior:
-                raise self._not_fitted()
-            warnings.warn(
-                f"{type(self).__name__} is not fitted: the predictive is the "
-                "prior's (as in laplace-torch). Call la.fit(train_loader) first.",
-                stacklevel=3,
-            )
-        if self._fit_signature is not None:
-            check_same_weights(
-                self._fit_signature,
-                lambda: signature(find_lora_weights(self.model, self.lora_modules)),
-            )
-        if self._reads_dict_key_x:
-            check_batch_keys(x, [self.dict_key_x])
-
-    def log_marginal_likelihood(
-        self,
-        prior_precision: torch.Tensor | None = None,
-        sigma_noise: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Laplace's log marginal likelihood (see laplace-torch); needs `fit`.
-
-        Returns
-        -------
-        torch.Tensor
-            Scalar.
-        """
-        self._check_fitted()
-        return super().log_marginal_likelihood(prior_precision, sigma_noise)
-
-    def sample(
-        self, n_samples: int = 100, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Posterior samples of the LoRA weights `(n_samples, P)`; needs `fit`.
-
-        Returns
-        -------
-        torch.Tensor
-            `(n_samples, P)`.
-        """
-        self._check_fitted()
-        return super().sample(n_samples, generator)
-
-    def _mark_loaded(self) -> None:
-        self._fit_signature = signature(self.lora_weights)
-        self._is_fitted = True
-
     # ------------------------------------------------------------------ fit
     def fit(
         self,
@@ -344,25 +207,9 @@ class LoRALaplace(PriorTuning, LoRAPredictive, PosteriorIO, ParametricLaplace):
             (`NonFiniteError`, naming the first LoRA module). After an error
             the object is not fitted and a new `fit` starts from scratch.
         """
-        if [id(p) for p in self.backend.params] != [id(p) for p in self.params]:
-            raise ValueError(
-                f"Backend {type(self.backend).__name__} computes curvature for the "
-                "parameters that require grad, which are not exactly the LoRA "
-                "weights selected here. Use a LoRA backend (LoRAGGN, LoRAEF) or "
-                "freeze every non-LoRA parameter (model.requires_grad_(False), then "
-                "enable the LoRA weights)."
-            )
-        group = active_group(self.process_group)
-        if not override and group is not None:
-            raise ValueError(
-                "fit(override=False) continues a previous single-process fit; a "
-                "distributed fit always starts from scratch. Call fit(train_loader)."
-            )
+        group = self._fit_group(override)
         override = override or not self._is_fitted  # the first fit: from the prior
-        try:
-            empty = len(train_loader) == 0
-        except TypeError:  # loaders without __len__ are checked while iterating
-            empty = False
+        empty = _known_empty(train_loader)
         if empty and group is None:
             raise ValueError(_EMPTY_LOADER)
         self._is_fitted = False
@@ -393,6 +240,36 @@ class LoRALaplace(PriorTuning, LoRAPredictive, PosteriorIO, ParametricLaplace):
             combine_ranks(self, group, train_loader, empty, error)
         self.mean = self.mean.to(self._dtype)
         self._mark_loaded()
+
+    def _fit_group(self, override: bool) -> Any:
+        """Process group of a distributed fit, after checking the setup.
+
+        Returns
+        -------
+        torch.distributed.ProcessGroup or None
+            None for a single-process fit.
+
+        Raises
+        ------
+        ValueError
+            If the backend's parameters are not the LoRA weights, or
+            ``override=False`` in a distributed fit.
+        """
+        if [id(p) for p in self.backend.params] != [id(p) for p in self.params]:
+            raise ValueError(
+                f"Backend {type(self.backend).__name__} computes curvature for the "
+                "parameters that require grad, which are not exactly the LoRA "
+                "weights selected here. Use a LoRA backend (LoRAGGN, LoRAEF) or "
+                "freeze every non-LoRA parameter (model.requires_grad_(False), then "
+                "enable the LoRA weights)."
+            )
+        group = active_group(self.process_group)
+        if not override and group is not None:
+            raise ValueError(
+                "fit(override=False) continues a previous single-process fit; a "
+                "distributed fit always starts from scratch. Call fit(train_loader)."
+            )
+        return group
 
     def _checked_batches(self, loader: Iterable):
         return checked_batches(
@@ -433,28 +310,6 @@ class LoRALaplace(PriorTuning, LoRAPredictive, PosteriorIO, ParametricLaplace):
         with torch.no_grad():
             self.mean = parameters_to_vector(self.params).detach()
 
-    # ------------------------------------------------------------ save / load
-    def state_dict(self) -> dict[str, Any]:
-        """laplace-torch's state, with `likelihood` a plain string.
-
-        A `Likelihood` enum would be pickled as a class reference, which
-        ``torch.load(..., weights_only=True)`` refuses.
-
-        Returns
-        -------
-        dict[str, Any]
-        """
-        self._check_fitted()
-        state = super().state_dict()
-        likelihood = state["likelihood"]
-        state["likelihood"] = str(getattr(likelihood, "value", likelihood))
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a fitted `state_dict`; the object is then fitted."""
-        super().load_state_dict(state_dict)
-        self._mark_loaded()
-
     def constructor_settings(self) -> dict[str, Any]:
         """Keyword arguments that rebuild this object (saved with the posterior).
 
@@ -480,3 +335,65 @@ class LoRALaplace(PriorTuning, LoRAPredictive, PosteriorIO, ParametricLaplace):
             "backend_kwargs": backend_kwargs,
             "asdl_fisher_kwargs": self._asdl_fisher_kwargs,
         }
+
+
+def _check_likelihood(name: str, likelihood: Likelihood | str) -> None:
+    """Refuse likelihoods other than classification and regression.
+
+    Raises
+    ------
+    ValueError
+        If `likelihood` is another one (e.g. reward modelling).
+    """
+    if likelihood not in (Likelihood.CLASSIFICATION, Likelihood.REGRESSION):
+        raise ValueError(
+            f"{name} supports likelihood='classification' or "
+            f"'regression', got {likelihood!r}. For reward modelling use "
+            "laplace-torch's own classes."
+        )
+
+
+def _lora_backend_kwargs(
+    backend: type[CurvatureInterface],
+    backend_kwargs: dict[str, Any] | None,
+    lora_modules: LoRAModules,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """`backend_kwargs`, with the LoRA weight selection for a LoRA backend.
+
+    Returns
+    -------
+    dict[str, Any]
+        A copy; for a `LoRAInterface` backend with `lora_modules` and the
+        structure's `options` (`LoRALaplace._lora_options`) added.
+
+    Raises
+    ------
+    ValueError
+        If `backend_kwargs` already sets one of those.
+    """
+    backend_kwargs = dict(backend_kwargs or {})
+    if isinstance(backend, type) and issubclass(backend, LoRAInterface):
+        given = set(backend_kwargs) & {"lora_modules", *options}
+        if given:
+            raise ValueError(
+                f"Pass {sorted(given)} to Laplace(...) directly, not in "
+                "backend_kwargs: the Laplace object selects the LoRA weights "
+                "and hands them to its backend."
+            )
+        backend_kwargs.update(lora_modules=lora_modules, **options)
+    return backend_kwargs
+
+
+def _known_empty(loader: Iterable) -> bool:
+    """Whether `loader` has no batches, as far as its length tells.
+
+    Returns
+    -------
+    bool
+        False for loaders without ``__len__`` (checked while iterating).
+    """
+    try:
+        return len(loader) == 0
+    except TypeError:
+        return False

@@ -33,6 +33,8 @@ LAYERS = {
     "prior": 3,
     "predictive": 3,
     "serialization": 3,
+    "lora_prior": 3,
+    "fitted_state": 3,
     "distributed": 3,
     "loralaplace": 4,
     "structures": 5,
