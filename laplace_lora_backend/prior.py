@@ -429,18 +429,14 @@ class PriorTuning:
                 f"Unknown method {method!r}: use 'marglik', 'gridsearch' or 'auto'."
             )
         cached = str(getattr(pred_type, "value", pred_type)) == PredType.GLM
+        self.prior_choice = None
         if method == "marglik" and prior_structure == LORA_PRIOR:
-            self.prior_choice = None
             groups, fixed = lora_prior_groups(
                 self.lora_weights, lora_init(self.model, self.lora_weights[0].adapter)
             )
             init = float(torch.as_tensor(init_prior_prec).flatten()[0])
             marglik_groups(self, groups, fixed, n_steps, lr, init)
-            if verbose:
-                print(f"Optimized prior precision is {self.prior_precision}.")
-            return None
-        if method == "marglik" or (method == "gridsearch" and not cached):
-            self.prior_choice = None
+        elif method == "marglik" or (method == "gridsearch" and not cached):
             return super().optimize_prior_precision(
                 pred_type,
                 method,
@@ -459,6 +455,57 @@ class PriorTuning:
                 progress_bar,
                 log_prior_prec_base=log_prior_prec_base,
             )
+        else:
+            scales = torch.logspace(
+                log_prior_prec_min,
+                log_prior_prec_max,
+                grid_size,
+                base=log_prior_prec_base,
+            )
+
+            def marglik() -> None:
+                PriorTuning.optimize_prior_precision(
+                    self,
+                    pred_type,
+                    "marglik",
+                    n_steps,
+                    lr,
+                    init_prior_prec,
+                    prior_structure,
+                    progress_bar=progress_bar,
+                )
+
+            self._tune_on_validation(
+                method,
+                cached,
+                val_loader,
+                loss,
+                scales,
+                marglik,
+                (link_approx, n_samples),
+                progress_bar,
+            )
+        if verbose:
+            print(f"Optimized prior precision is {self.prior_precision}.")
+
+    def _tune_on_validation(
+        self,
+        method: str,
+        cached: bool,
+        val_loader: Iterable | None,
+        loss: Any,
+        scales: torch.Tensor,
+        marglik: Callable[[], None],
+        predictive: tuple[str, int],
+        progress_bar: bool,
+    ) -> None:
+        """``"gridsearch"`` / ``"auto"`` on validation Jacobians computed once.
+
+        Raises
+        ------
+        ValueError
+            Without `val_loader`, or for the sampling predictive.
+        """
         if val_loader is None:
             raise ValueError(
                 f"method={method!r} needs labelled validation data: pass "
@@ -474,31 +521,13 @@ class PriorTuning:
         batches = jacobian_batches(
             self, val_loader, self.dict_key_y, progress_bar, "[Validation Jacobians]"
         )
-        scales = torch.logspace(
-            log_prior_prec_min, log_prior_prec_max, grid_size, base=log_prior_prec_base
-        )
+        link_approx, n_samples = predictive
         if method == "gridsearch":
             best, _ = grid_search(
                 self, batches, list(scales), loss, link_approx, n_samples
             )
             self.prior_precision = scales[best]
-            self.prior_choice = None
         else:
-
-            def marglik() -> None:
-                PriorTuning.optimize_prior_precision(
-                    self,
-                    pred_type,
-                    "marglik",
-                    n_steps,
-                    lr,
-                    init_prior_prec,
-                    prior_structure,
-                    progress_bar=progress_bar,
-                )
-
             self.prior_choice = tune_auto(
                 self, batches, marglik, scales.tolist(), loss, link_approx, n_samples
             )
-        if verbose:
-            print(f"Optimized prior precision is {self.prior_precision}.")
