@@ -258,3 +258,15 @@ def test_lora_prior_follows_peft_initialisation():
     _, fixed = lora_prior_groups(weights, "pissa")  # data-dependent: tuned
     assert torch.isnan(fixed).all()
     assert lora_init(torch.nn.Linear(2, 2), "default") is None
+
+
+def test_marglik_warns_when_the_training_loss_is_near_zero():
+    """A saturated classifier (loss ~0) has ~zero curvature: marglik cannot
+    set the prior and says to use validation data; a normal fit does not warn."""
+    la, _ = _fitted("kron")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no saturation warning here
+        la.optimize_prior_precision(n_steps=5)
+    la.loss = torch.tensor(1e-5) * la.n_data
+    with pytest.warns(UserWarning, match="saturated.*method='auto'"):
+        la.optimize_prior_precision(n_steps=5)
