@@ -84,3 +84,18 @@ def test_cases_vary_data_placement_and_size():
     assert len({c.targets for c in CASES}) >= 4
     assert len({c.n_train for c in CASES}) >= 3
     assert len({c.name for c in CASES}) == len(CASES)
+
+
+def test_readme_block_is_rendered_from_the_committed_json():
+    """README's calibration block == readme_block(calibration.json)."""
+    from pathlib import Path
+
+    from laplace_lora_backend.battery import README_BEGIN, README_END, readme_block
+
+    root = Path(__file__).parent.parent
+    summary = json.loads(
+        (root / "benchmarks/results/calibration/calibration.json").read_text()
+    )
+    readme = (root / "README.md").read_text()
+    start, end = readme.index(README_BEGIN), readme.index(README_END)
+    assert readme[start : end + len(README_END)] == readme_block(summary)
