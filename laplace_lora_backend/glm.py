@@ -59,6 +59,19 @@ class JacobianBatch:
     def __len__(self) -> int:
         return self.f.shape[0]
 
+    def mean(self) -> torch.Tensor:
+        """GLM mean of the outputs: the model's outputs at the posterior mean.
+
+        Returns
+        -------
+        torch.Tensor
+            `(batch, C)` (through the linear head when `head` is set).
+        """
+        if self.head is None:
+            return self.f
+        W, b = (t.to(self.f.dtype) if t is not None else None for t in self.head)
+        return self.f @ W.T if b is None else self.f @ W.T + b
+
     def moments(
         self, functional_variance, diagonal_output: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,11 +92,9 @@ class JacobianBatch:
             `(batch, C, C)` (the variances `(batch, C)` with `diagonal_output`).
         """
         var = functional_variance(self.Js)
-        if self.head is None:
-            mu = self.f
-        else:
-            W, b = (t.to(self.f.dtype) if t is not None else None for t in self.head)
-            mu = self.f @ W.T if b is None else self.f @ W.T + b
+        mu = self.mean()
+        if self.head is not None:
+            W = self.head[0].to(self.f.dtype)
             var = W @ var @ W.T
         if diagonal_output:
             var = torch.diagonal(var, dim1=-2, dim2=-1)

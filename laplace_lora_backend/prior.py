@@ -173,7 +173,7 @@ def map_loss(batches: Batches, likelihood: str, loss: Loss | Any = nll) -> float
     """
     outs, ys = [], []
     for jb, y in batches:
-        mu = jb.moments(lambda Js: Js.new_zeros(Js.shape[0], 1, 1))[0]
+        mu = jb.mean().detach()
         outs.append(F.softmax(mu, -1) if likelihood == "classification" else mu)
         ys.append(y.to(mu.device))
     return _evaluate(loss, torch.cat(outs), torch.cat(ys))

@@ -270,3 +270,19 @@ def test_marglik_warns_when_the_training_loss_is_near_zero():
     la.loss = torch.tensor(1e-5) * la.n_data
     with pytest.warns(UserWarning, match="saturated.*method='auto'"):
         la.optimize_prior_precision(n_steps=5)
+
+
+def test_map_loss_reads_through_a_linear_head():
+    """MAP's validation loss for feature Jacobians of a linear head (C > hidden)
+    is the NLL of softmax(h W^T + b)."""
+    from laplace_lora_backend.glm import JacobianBatch
+    from laplace_lora_backend.prior import map_loss
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    W = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(7, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 3, 6, 2])
+    jb = JacobianBatch(torch.zeros(4, 3, 5, dtype=torch.float64), h, (W, b))
+    expected = float(nll(torch.softmax(h @ W.T + b, -1), y))
+    assert map_loss([(jb, y)], "classification") == pytest.approx(expected)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from laplace_lora_backend.prior import nll
+
 __all__ = ["classification_metrics", "reliability_bins"]
 
 
@@ -34,13 +36,13 @@ def classification_metrics(
     C = probs.shape[1]
     acc = MulticlassAccuracy(num_classes=C, average="micro")(probs, labels)
     ece = MulticlassCalibrationError(num_classes=C, n_bins=15, norm="l1")(probs, labels)
-    nll = -probs.gather(1, labels[:, None]).clamp_min(1e-12).log().mean()
+    nll_value = nll(probs, labels)
     onehot = torch.nn.functional.one_hot(labels, C).double()
     brier = (probs - onehot).square().sum(1).mean()
     return {
         "acc": float(acc),
         "ece": float(ece),
-        "nll": float(nll),
+        "nll": float(nll_value),
         "brier": float(brier),
     }
 
