@@ -39,6 +39,7 @@ from laplace_lora_backend.lora_prior import LoRAPrior
 from laplace_lora_backend.predictive import LoRAPredictive
 from laplace_lora_backend.prior import PriorChoice, PriorTuning
 from laplace_lora_backend.serialization import PosteriorIO
+from laplace_lora_backend.trust_region import TrustRegion
 from laplace_lora_backend.validation import (
     CheckedLoader,
     check_curvature_finite,
@@ -93,7 +94,17 @@ class LoRALaplace(
         holds their tensors.
     prior_choice : PriorChoice or None
         What ``optimize_prior_precision(method="auto")`` chose.
+    trust_region : TrustRegion or None
+        How ``optimize_prior_precision()`` checked the marglik prior on
+        training examples (`laplace_lora_backend.trust_region`).
+    trust_region_batches : list[tuple]
+        The first training batches of the last `fit`, at least
+        `trust_region_examples` examples (references to the loader's
+        tensors, not copies, and not saved by `state_dict`).
     """
+
+    # training examples `fit` keeps for the trust region of the prior
+    trust_region_examples: int = 32
 
     def __init__(
         self,
@@ -145,6 +156,9 @@ class LoRALaplace(
         self._is_fitted = False
         self._fit_signature: list[tuple[str, tuple[int, ...]]] | None = None
         self.prior_choice: PriorChoice | None = None
+        self.trust_region: TrustRegion | None = None
+        # the first training batches (references), for the prior's trust region
+        self.trust_region_batches: list[tuple[Any, torch.Tensor]] = []
         self.params = [w.param for w in self.lora_weights]
         self.is_subset_params = True
         self.n_params = sum(p.numel() for p in self.params)
@@ -215,6 +229,8 @@ class LoRALaplace(
         self._is_fitted = False
         self.n_outputs = None  # set by laplace-torch from the first batch
         self._n_seen = 0
+        if override:
+            self.trust_region_batches = []
         error: Exception | None = None
         try:
             if not empty:
@@ -280,6 +296,9 @@ class LoRALaplace(
         )
 
     def _curv_closure(self, X: Any, y: torch.Tensor, N: int) -> Any:
+        kept = sum(len(b[1]) for b in self.trust_region_batches)
+        if kept < self.trust_region_examples:  # references, no copy
+            self.trust_region_batches.append((X, y))
         self._n_seen += len(y)
         return super()._curv_closure(X, y, N)
 

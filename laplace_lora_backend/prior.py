@@ -26,7 +26,9 @@ from laplace.utils import Likelihood, LinkApprox, PredType, PriorStructure, Tuni
 from torch.nn import functional as F
 
 from laplace_lora_backend.curvature.discovery import LoRAWeight, lora_init
+from laplace_lora_backend.distributed import active_group, reduce_tensor
 from laplace_lora_backend.glm import JacobianBatch, jacobian_batches
+from laplace_lora_backend.trust_region import TRUST_RATIO, trust_region_scale
 
 __all__ = [
     "LORA_PRIOR",
@@ -402,13 +404,17 @@ class PriorTuning:
         verbose: bool = False,
         progress_bar: bool = False,
         log_prior_prec_base: float = 10.0,
+        *,
+        trust_region: float | None = TRUST_RATIO,
+        train_batches: Iterable | None = None,
     ) -> None:
         """Tune the prior precision (laplace-torch's arguments, plus ``"auto"``).
 
-        ``method="marglik"`` is laplace-torch's, with the LoRA prior structure
-        by default (``prior_structure="lora"``, measured on the calibration
-        battery: laplace-torch's scalar prior gives `lora_A`, whose scale the
-        data does not set, a variance far above its initialisation's and the
+        ``method="marglik"`` is laplace-torch's, checked on training examples
+        (`trust_region`), with the LoRA prior structure by default
+        (``prior_structure="lora"``, measured on the calibration battery:
+        laplace-torch's scalar prior gives `lora_A`, whose scale the data does
+        not set, a variance far above its initialisation's and the
         predictive too much variance). ``method="gridsearch"`` with
         the GLM predictive scores the grid on validation Jacobians computed
         once (`laplace_lora_backend.glm`), with a fresh loss per grid point;
@@ -442,6 +448,18 @@ class PriorTuning:
         link_approx, n_samples
             The predictive scored on validation data.
         verbose, progress_bar : bool
+        trust_region : float or None, default=2.0
+            Classification: after marglik, check the prior on training
+            examples and scale it up until the actual rise of
+            the training loss under the posterior is at most this many times
+            the rise the Laplace expansion predicts (see
+            `laplace_lora_backend.trust_region`; it binds for classifiers
+            saturated on their training data). The outcome is kept in
+            `trust_region`. ``None``: laplace-torch's plain marglik.
+        train_batches : Iterable, optional
+            Labelled training batches for the trust region (`JacobianBatch`
+            inputs are reused); default: the `trust_region_batches` that
+            `fit` kept.
 
         Raises
         ------
@@ -458,14 +476,13 @@ class PriorTuning:
         cached = str(getattr(pred_type, "value", pred_type)) == PredType.GLM
         self.prior_choice = None
         if method == "marglik":
-            _warn_if_saturated(self)
-        if method == "marglik" and prior_structure == LORA_PRIOR:
-            groups, fixed = lora_prior_groups(
-                self.lora_weights, lora_init(self.model, self.lora_weights[0].adapter)
-            )
-            init = float(torch.as_tensor(init_prior_prec).flatten()[0])
-            marglik_groups(self, groups, fixed, n_steps, lr, init)
-        elif method == "marglik" or (method == "gridsearch" and not cached):
+            self.trust_region = None
+            self._marglik(n_steps, lr, init_prior_prec, prior_structure)
+            if trust_region is not None:
+                self._apply_trust_region(trust_region, train_batches)
+            if self.trust_region is None or self.trust_region.n_examples == 0:
+                _warn_if_saturated(self)
+        elif method == "gridsearch" and not cached:
             return super().optimize_prior_precision(
                 pred_type,
                 method,
@@ -502,6 +519,8 @@ class PriorTuning:
                     init_prior_prec,
                     prior_structure,
                     progress_bar=progress_bar,
+                    trust_region=trust_region,
+                    train_batches=train_batches,
                 )
 
             self._tune_on_validation(
@@ -516,6 +535,47 @@ class PriorTuning:
             )
         if verbose:
             print(f"Optimized prior precision is {self.prior_precision}.")
+
+    def _marglik(
+        self,
+        n_steps: int,
+        lr: float,
+        init_prior_prec: float | torch.Tensor,
+        prior_structure: PriorStructure | str,
+    ) -> None:
+        """Marglik with `prior_structure` (``"lora"``: `marglik_groups`)."""
+        if prior_structure == LORA_PRIOR:
+            groups, fixed = lora_prior_groups(
+                self.lora_weights, lora_init(self.model, self.lora_weights[0].adapter)
+            )
+            init = float(torch.as_tensor(init_prior_prec).flatten()[0])
+            marglik_groups(self, groups, fixed, n_steps, lr, init)
+            return
+        super().optimize_prior_precision(
+            PredType.GLM,
+            "marglik",
+            n_steps,
+            lr,
+            init_prior_prec,
+            prior_structure,
+        )
+
+    def _apply_trust_region(self, ratio: float, train_batches: Iterable | None) -> None:
+        """Raise the marglik prior into the trust region of training examples."""
+        if self.likelihood != Likelihood.CLASSIFICATION:
+            return
+        source = self.trust_region_batches if train_batches is None else train_batches
+        batches = jacobian_batches(self, source, self.dict_key_y)
+        if not batches:
+            warnings.warn(
+                "No training examples for the prior's trust region (fit keeps "
+                "the first batches; a loaded posterior has none): the prior is "
+                "marglik's alone. Pass train_batches=... to check it.",
+                stacklevel=4,
+            )
+        group = active_group(self.process_group)
+        reduce = None if group is None else (lambda t: reduce_tensor(t, group))
+        self.trust_region = trust_region_scale(self, batches, ratio, reduce)
 
     def _tune_on_validation(
         self,

@@ -80,6 +80,11 @@ def summary(la):
         out["traces"] = [
             F.trace for b in la.H_facs.kfacs for F in b if isinstance(F, LowRankFactor)
         ]
+    # the default prior: marglik and the trust region on every rank's kept
+    # training examples (their sums reduced), as on the union in one process
+    la.optimize_prior_precision(n_steps=10)
+    out["prior"] = la.prior_precision.detach().clone()
+    out["trust_examples"] = la.trust_region.n_examples
     return out
 
 
@@ -182,6 +187,8 @@ def assert_same(got, ref, rtol):
     assert torch.allclose(got["loss"], ref["loss"], rtol=rtol)
     assert torch.allclose(got["lml"], ref["lml"], rtol=rtol)
     assert torch.allclose(got["probs"], ref["probs"], rtol=rtol, atol=1e-10)
+    assert torch.allclose(got["prior"], ref["prior"], rtol=rtol)
+    assert got["trust_examples"] == ref["trust_examples"]
 
 
 @pytest.mark.parametrize(

@@ -261,15 +261,21 @@ def test_lora_prior_follows_peft_initialisation():
 
 
 def test_marglik_warns_when_the_training_loss_is_near_zero():
-    """A saturated classifier (loss ~0) has ~zero curvature: marglik cannot
-    set the prior and says to use validation data; a normal fit does not warn."""
+    """A saturated classifier (loss ~0) has ~zero curvature: plain marglik
+    cannot set the prior and says so; a normal fit does not warn, nor does
+    the default, whose trust region checks the prior on training examples
+    (tests/test_trust_region.py)."""
     la, _ = _fitted("kron")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no saturation warning here
-        la.optimize_prior_precision(n_steps=5)
+        la.optimize_prior_precision(n_steps=5, trust_region=None)
     la.loss = torch.tensor(1e-5) * la.n_data
     with pytest.warns(UserWarning, match="saturated.*method='auto'"):
+        la.optimize_prior_precision(n_steps=5, trust_region=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         la.optimize_prior_precision(n_steps=5)
+    assert la.trust_region.n_examples == 9
 
 
 def test_map_loss_reads_through_a_linear_head():
