@@ -43,7 +43,7 @@ from laplace_lora_backend.bench.workloads import (  # noqa: E402
     smollm2,
     tiny_lm,
 )
-from laplace_lora_backend.prior import nll  # noqa: E402
+from laplace_lora_backend.prior_validation import nll  # noqa: E402
 
 
 def fitted(wl):

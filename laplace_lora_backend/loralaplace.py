@@ -37,7 +37,8 @@ from laplace_lora_backend.fitted_state import FittedState
 from laplace_lora_backend.hf_models import as_logits_model
 from laplace_lora_backend.lora_prior import LoRAPrior
 from laplace_lora_backend.predictive import LoRAPredictive
-from laplace_lora_backend.prior import PriorChoice, PriorTuning
+from laplace_lora_backend.prior import PriorTuning
+from laplace_lora_backend.prior_validation import PriorChoice
 from laplace_lora_backend.serialization import PosteriorIO
 from laplace_lora_backend.trust_region import TrustRegion
 from laplace_lora_backend.validation import (

@@ -31,6 +31,8 @@ LAYERS = {
     "hf_models": 2,
     "validation": 2,
     "trust_region": 3,
+    "prior_groups": 3,
+    "prior_validation": 3,
     "distributed": 3,
     "prior": 4,
     "predictive": 3,

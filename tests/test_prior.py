@@ -13,7 +13,7 @@ from laplace.curvature import CurvlinopsGGN
 
 import laplace_lora_backend  # noqa: F401
 from laplace_lora_backend.glm import center_logits, jacobian_batches, probit
-from laplace_lora_backend.prior import POSTERIOR_OFF, nll
+from laplace_lora_backend.prior_validation import POSTERIOR_OFF, nll
 
 
 def _fitted(structure="kron", prior=1.0, **kwargs):
@@ -242,7 +242,7 @@ def test_lora_prior_follows_peft_initialisation():
     from peft import LoraConfig, get_peft_model
 
     from laplace_lora_backend.curvature.discovery import find_lora_weights, lora_init
-    from laplace_lora_backend.prior import lora_prior_groups
+    from laplace_lora_backend.prior_groups import lora_prior_groups
 
     lm, targets = make_lm("llama")
     cfg = LoraConfig(r=4, target_modules=targets, init_lora_weights="gaussian")
@@ -282,7 +282,7 @@ def test_map_loss_reads_through_a_linear_head():
     """MAP's validation loss for feature Jacobians of a linear head (C > hidden)
     is the NLL of softmax(h W^T + b)."""
     from laplace_lora_backend.glm import JacobianBatch
-    from laplace_lora_backend.prior import map_loss
+    from laplace_lora_backend.prior_validation import map_loss
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(4, 3, generator=g, dtype=torch.float64)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from laplace_lora_backend.prior import nll
+from laplace_lora_backend.prior_validation import nll
 
 __all__ = ["classification_metrics", "reliability_bins"]
 
