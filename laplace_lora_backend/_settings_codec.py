@@ -1,6 +1,6 @@
 """Constructor settings of a LoRA Laplace posterior as JSON, and back.
 
-`encode_settings` writes what `LoRALaplace.constructor_settings` returns as
+`encode_settings` writes what `PosteriorIO.constructor_settings` returns as
 JSON values: enums by value, a `lora_modules` regex as its pattern and flags,
 the backend class by its import path (only for classes of laplace /
 laplace_lora_backend, which are the only ones re-imported on load). Settings
@@ -39,7 +39,7 @@ def _decode_lora_modules(value: Any) -> Any:
 
 
 def encode_settings(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """JSON form of constructor settings (`LoRALaplace.constructor_settings`).
+    """JSON form of constructor settings (`PosteriorIO.constructor_settings`).
 
     Returns
     -------

@@ -16,8 +16,7 @@ holds the constructor and `fit`.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -43,13 +42,16 @@ from laplace_lora_backend.serialization import PosteriorIO
 from laplace_lora_backend.trust_region import TrustRegion
 from laplace_lora_backend.validation import (
     CheckedLoader,
+    LoRAModules,
     check_curvature_finite,
+    check_likelihood,
     checked_batches,
+    known_empty,
+    lora_backend_kwargs,
 )
 
 __all__ = ["LoRALaplace"]
 
-LoRAModules = str | Sequence[str] | re.Pattern | None
 _EMPTY_LOADER = "train_loader is empty: fit needs at least one batch of training data."
 
 
@@ -127,10 +129,10 @@ class LoRALaplace(
         center_logits: bool = True,
         **structure_kwargs: Any,
     ) -> None:
-        _check_likelihood(type(self).__name__, likelihood)
+        check_likelihood(type(self).__name__, likelihood)
         model = as_logits_model(model, dict_key_y)
         backend = backend or LoRAGGN
-        backend_kwargs = _lora_backend_kwargs(
+        backend_kwargs = lora_backend_kwargs(
             backend, backend_kwargs, lora_modules, self._lora_options()
         )
         self.lora_weights = find_lora_weights(model, lora_modules)
@@ -224,7 +226,7 @@ class LoRALaplace(
         """
         group = self._fit_group(override)
         override = override or not self._is_fitted  # the first fit: from the prior
-        empty = _known_empty(train_loader)
+        empty = known_empty(train_loader)
         if empty and group is None:
             raise ValueError(_EMPTY_LOADER)
         self._is_fitted = False
@@ -329,91 +331,3 @@ class LoRALaplace(
         self.n_data = 0
         with torch.no_grad():
             self.mean = parameters_to_vector(self.params).detach()
-
-    def constructor_settings(self) -> dict[str, Any]:
-        """Keyword arguments that rebuild this object (saved with the posterior).
-
-        Returns
-        -------
-        dict[str, Any]
-            Constructor keyword arguments; the `backend_kwargs` without those
-            the constructor derives from the other settings.
-        """
-        backend_kwargs = dict(self._backend_kwargs)
-        if self._uses_lora_backend:  # set by the constructor from the below
-            for key in ("lora_modules", *self._lora_options()):
-                backend_kwargs.pop(key, None)
-        return {
-            "temperature": self.temperature,
-            "enable_backprop": self.enable_backprop,
-            "dict_key_x": self.dict_key_x,
-            "dict_key_y": self.dict_key_y,
-            "center_logits": self.center_logits,
-            "lora_modules": self.lora_modules,
-            **self._lora_options(),
-            "backend": self._backend_cls,
-            "backend_kwargs": backend_kwargs,
-            "asdl_fisher_kwargs": self._asdl_fisher_kwargs,
-        }
-
-
-def _check_likelihood(name: str, likelihood: Likelihood | str) -> None:
-    """Refuse likelihoods other than classification and regression.
-
-    Raises
-    ------
-    ValueError
-        If `likelihood` is another one (e.g. reward modelling).
-    """
-    if likelihood not in (Likelihood.CLASSIFICATION, Likelihood.REGRESSION):
-        raise ValueError(
-            f"{name} supports likelihood='classification' or "
-            f"'regression', got {likelihood!r}. For reward modelling use "
-            "laplace-torch's own classes."
-        )
-
-
-def _lora_backend_kwargs(
-    backend: type[CurvatureInterface],
-    backend_kwargs: dict[str, Any] | None,
-    lora_modules: LoRAModules,
-    options: dict[str, Any],
-) -> dict[str, Any]:
-    """`backend_kwargs`, with the LoRA weight selection for a LoRA backend.
-
-    Returns
-    -------
-    dict[str, Any]
-        A copy; for a `LoRAInterface` backend with `lora_modules` and the
-        structure's `options` (`LoRALaplace._lora_options`) added.
-
-    Raises
-    ------
-    ValueError
-        If `backend_kwargs` already sets one of those.
-    """
-    backend_kwargs = dict(backend_kwargs or {})
-    if isinstance(backend, type) and issubclass(backend, LoRAInterface):
-        given = set(backend_kwargs) & {"lora_modules", *options}
-        if given:
-            raise ValueError(
-                f"Pass {sorted(given)} to Laplace(...) directly, not in "
-                "backend_kwargs: the Laplace object selects the LoRA weights "
-                "and hands them to its backend."
-            )
-        backend_kwargs.update(lora_modules=lora_modules, **options)
-    return backend_kwargs
-
-
-def _known_empty(loader: Iterable) -> bool:
-    """Whether `loader` has no batches, as far as its length tells.
-
-    Returns
-    -------
-    bool
-        False for loaders without ``__len__`` (checked while iterating).
-    """
-    try:
-        return len(loader) == 0
-    except TypeError:
-        return False

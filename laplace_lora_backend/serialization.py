@@ -304,6 +304,32 @@ def _warn_if_not_at_mean(la: Any) -> None:
 class PosteriorIO:
     """`save_pretrained` / `from_pretrained` of the LoRA Laplace classes."""
 
+    def constructor_settings(self) -> dict[str, Any]:
+        """Keyword arguments that rebuild this object (saved with the posterior).
+
+        Returns
+        -------
+        dict[str, Any]
+            Constructor keyword arguments; the `backend_kwargs` without those
+            the constructor derives from the other settings.
+        """
+        backend_kwargs = dict(self._backend_kwargs)
+        if self._uses_lora_backend:  # set by the constructor from the below
+            for key in ("lora_modules", *self._lora_options()):
+                backend_kwargs.pop(key, None)
+        return {
+            "temperature": self.temperature,
+            "enable_backprop": self.enable_backprop,
+            "dict_key_x": self.dict_key_x,
+            "dict_key_y": self.dict_key_y,
+            "center_logits": self.center_logits,
+            "lora_modules": self.lora_modules,
+            **self._lora_options(),
+            "backend": self._backend_cls,
+            "backend_kwargs": backend_kwargs,
+            "asdl_fisher_kwargs": self._asdl_fisher_kwargs,
+        }
+
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Save the posterior into `directory`, e.g. beside a PEFT adapter.
 

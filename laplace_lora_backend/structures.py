@@ -18,9 +18,10 @@ from laplace.curvature import CurvatureInterface
 from laplace.utils import Likelihood
 
 from laplace_lora_backend.distributed import reduce_factor
-from laplace_lora_backend.loralaplace import LoRALaplace, LoRAModules
+from laplace_lora_backend.loralaplace import LoRALaplace
 from laplace_lora_backend.matrix import LoRAKron
 from laplace_lora_backend.matrix.lowrank import LowRankOptions
+from laplace_lora_backend.validation import LoRAModules
 
 __all__ = ["LoRAKronLaplace", "LoRADiagLaplace", "LoRAFullLaplace"]
 
@@ -128,7 +129,7 @@ class LoRAKronLaplace(LoRALaplace, KronLaplace):
         Returns
         -------
         dict[str, Any]
-            `LoRALaplace.constructor_settings` plus ``damping``.
+            `PosteriorIO.constructor_settings` plus ``damping``.
         """
         return {**super().constructor_settings(), "damping": self.damping}
 

@@ -2,18 +2,23 @@
 
 Batch keys and targets (checked per batch while laplace-torch iterates the
 loader), the LoRA weights a posterior is over (names and shapes, compared
-between fit and predict), and finiteness of fitted curvature.
+between fit and predict), finiteness of fitted curvature, and the
+constructor's likelihood and backend arguments.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
 from typing import Any
 
 import torch
+from laplace.curvature import CurvatureInterface
+from laplace.utils import Likelihood
 
 from laplace_lora_backend.curvature.checks import check_targets, first_non_finite
 from laplace_lora_backend.curvature.discovery import LoRAWeight
+from laplace_lora_backend.curvature.lora import LoRAInterface
 from laplace_lora_backend.errors import (
     BatchKeyError,
     LoRAAdaptersChangedError,
@@ -22,16 +27,22 @@ from laplace_lora_backend.errors import (
 
 __all__ = [
     "CheckedLoader",
+    "LoRAModules",
     "Signature",
     "check_batch_keys",
     "check_curvature_finite",
+    "check_likelihood",
     "check_same_weights",
     "checked_batches",
     "first_difference",
+    "known_empty",
+    "lora_backend_kwargs",
     "signature",
 ]
 
 Signature = list[tuple[str, tuple[int, ...]]]
+# the `lora_modules` argument: substrings, a regex, or None for every LoRA layer
+LoRAModules = str | Sequence[str] | re.Pattern | None
 
 
 def signature(weights: Sequence[LoRAWeight]) -> Signature:
@@ -197,3 +208,65 @@ def check_curvature_finite(
             f"NaN or Inf in the fitted curvature of {where}. Check the data and "
             "the model's dtype (float16 overflows: use bfloat16 or float32)."
         )
+
+
+def check_likelihood(name: str, likelihood: Likelihood | str) -> None:
+    """Refuse likelihoods other than classification and regression.
+
+    Raises
+    ------
+    ValueError
+        If `likelihood` is another one (e.g. reward modelling).
+    """
+    if likelihood not in (Likelihood.CLASSIFICATION, Likelihood.REGRESSION):
+        raise ValueError(
+            f"{name} supports likelihood='classification' or "
+            f"'regression', got {likelihood!r}. For reward modelling use "
+            "laplace-torch's own classes."
+        )
+
+
+def lora_backend_kwargs(
+    backend: type[CurvatureInterface],
+    backend_kwargs: dict[str, Any] | None,
+    lora_modules: LoRAModules,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """`backend_kwargs`, with the LoRA weight selection for a LoRA backend.
+
+    Returns
+    -------
+    dict[str, Any]
+        A copy; for a `LoRAInterface` backend with `lora_modules` and the
+        structure's `options` (`LoRALaplace._lora_options`) added.
+
+    Raises
+    ------
+    ValueError
+        If `backend_kwargs` already sets one of those.
+    """
+    backend_kwargs = dict(backend_kwargs or {})
+    if isinstance(backend, type) and issubclass(backend, LoRAInterface):
+        given = set(backend_kwargs) & {"lora_modules", *options}
+        if given:
+            raise ValueError(
+                f"Pass {sorted(given)} to Laplace(...) directly, not in "
+                "backend_kwargs: the Laplace object selects the LoRA weights "
+                "and hands them to its backend."
+            )
+        backend_kwargs.update(lora_modules=lora_modules, **options)
+    return backend_kwargs
+
+
+def known_empty(loader: Iterable) -> bool:
+    """Whether `loader` has no batches, as far as its length tells.
+
+    Returns
+    -------
+    bool
+        False for loaders without ``__len__`` (checked while iterating).
+    """
+    try:
+        return len(loader) == 0
+    except TypeError:
+        return False
