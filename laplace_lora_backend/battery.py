@@ -51,10 +51,10 @@ from laplace_lora_backend.demo import (
     fit_temperature,
     make_splits,
 )
+from laplace_lora_backend.demo.data import load_dataset
+from laplace_lora_backend.demo.finetune import predict_logits, train_map
+from laplace_lora_backend.demo.metrics import classification_metrics
 from laplace_lora_backend.glm import jacobian_batches
-from laplace_lora_backend.llm.data import load_dataset
-from laplace_lora_backend.llm.finetune import predict_logits, train_map
-from laplace_lora_backend.llm.metrics import classification_metrics
 from laplace_lora_backend.prior_groups import marglik_groups
 
 __all__ = [

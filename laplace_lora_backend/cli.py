@@ -14,45 +14,8 @@ import argparse
 import os
 import sys
 
-
-def _demo_args(parser: argparse.ArgumentParser) -> None:
-    from laplace_lora_backend.demo import DemoConfig
-
-    d = DemoConfig()
-    parser.add_argument("--dataset", default=d.dataset, help="drugreview | bbcnews")
-    parser.add_argument(
-        "--model",
-        default=d.model,
-        choices=["smollm2", "tiny"],
-        help="'tiny': random-init tiny Llama (smoke test)",
-    )
-    parser.add_argument("--seeds", type=int, nargs="+", default=d.seeds)
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="few examples and steps (smoke test, minutes)",
-    )
-    parser.add_argument("--output", default=d.output, help="folder for the results")
-    for name in (
-        "n_train",
-        "n_val",
-        "n_test",
-        "max_length",
-        "batch_size",
-        "steps",
-        "mcd_samples",
-        "threads",
-    ):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--kfac-backend", choices=["ggn", "mc", "ef"], default=None)
-    parser.add_argument(
-        "--prior",
-        choices=["auto", "marglik", "validation"],
-        default=None,
-        help="prior precision of the Laplace methods (default auto: marglik, "
-        "validation NLL if marglik is worse than MAP there)",
-    )
+from laplace_lora_backend.demo.config import add_arguments as add_demo_arguments
+from laplace_lora_backend.demo.config import from_arguments as demo_from_arguments
 
 
 def _bench_args(parser: argparse.ArgumentParser) -> None:
@@ -166,7 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``laplace-lora`` console script."""
     parser = argparse.ArgumentParser(prog="laplace-lora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    _demo_args(sub.add_parser("demo", help="MAP vs Laplace-LoRA calibration demo"))
+    add_demo_arguments(
+        sub.add_parser("demo", help="MAP vs Laplace-LoRA calibration demo")
+    )
     _bench_args(sub.add_parser("bench", help="benchmarks vs laplace-torch's backends"))
     _calibrate_args(
         sub.add_parser("calibrate", help="calibration battery: MAP vs LA, 8 cases")
@@ -174,19 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.command == "demo":
-        from laplace_lora_backend.demo import DemoConfig, run_demo
+        from laplace_lora_backend.demo import run_demo
 
-        overrides = {
-            k: v
-            for k, v in vars(args).items()
-            if k not in ("command", "quick") and v is not None
-        }
-        cfg = (
-            DemoConfig.quick_config(**overrides)
-            if args.quick
-            else DemoConfig(**overrides)
-        )
-        run_demo(cfg)
+        run_demo(demo_from_arguments(args))
     elif args.command == "calibrate":
         _calibrate(args)
     elif args.command == "bench":

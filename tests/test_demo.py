@@ -9,7 +9,7 @@ import torch
 
 from laplace_lora_backend.cli import main
 from laplace_lora_backend.demo import METHODS, DemoConfig, run_seed
-from laplace_lora_backend.llm.data import load_dataset
+from laplace_lora_backend.demo.data import load_dataset
 
 
 def test_quick_demo_writes_consistent_table_json_and_png(tmp_path):

@@ -13,13 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from laplace_lora_backend.demo.data import load_dataset, tokenize_prompts
+from laplace_lora_backend.demo.smollm2 import load_smollm2
 from laplace_lora_backend.llm.answer_tokens import (
     AnswerTokenClassifier,
     answer_token_ids,
     trim_lm_head,
 )
-from laplace_lora_backend.llm.data import load_dataset, tokenize_prompts
-from laplace_lora_backend.llm.smollm2 import load_smollm2
 
 __all__ = ["Workload", "tiny_lm", "smollm2", "wide_layer", "many_outputs"]
 

