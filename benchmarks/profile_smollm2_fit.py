@@ -11,16 +11,20 @@ Usage: ``python benchmarks/profile_smollm2_fit.py`` (about 4 min on 2 cores).
 from __future__ import annotations
 
 import os
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# run as `python benchmarks/<script>.py`: the repository root holds `benchmarks`
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from laplace import KronLaplace, Laplace  # noqa: E402
 from laplace.curvature import CurvlinopsGGN  # noqa: E402
 
+from benchmarks.suite.workloads import Loader, smollm2  # noqa: E402
 from laplace_lora_backend import LoRAEF  # noqa: E402
-from laplace_lora_backend.bench.workloads import Loader, smollm2  # noqa: E402
 
 
 def seconds(fn) -> float:

@@ -5,7 +5,9 @@ set, fit Laplace-LoRA and its baselines, and write the calibration table,
 JSON and reliability diagram (see `laplace_lora_backend.demo`).
 
 ``laplace-lora bench``: our backends against laplace-torch's on the same LoRA
-weights, in one process run (see `laplace_lora_backend.bench.suite`).
+weights, in one process run (`benchmarks/suite/`, from a clone).
+
+``laplace-lora calibrate``: the calibration battery (`benchmarks/calibration.py`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from laplace_lora_backend.demo.config import add_arguments as add_demo_arguments
 from laplace_lora_backend.demo.config import from_arguments as demo_from_arguments
@@ -92,8 +95,33 @@ def _calibrate_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _benchmarks_on_path() -> None:
+    """Make the source checkout's `benchmarks/` importable.
+
+    The benchmark suite and the calibration battery are applications of the
+    library, kept out of the wheel; they run from a clone (``pip install -e
+    .``), whose root is the package folder's parent.
+
+    Raises
+    ------
+    SystemExit
+        Outside a clone, saying how to get one.
+    """
+    root = Path(__file__).resolve().parents[1]
+    if (root / "benchmarks" / "suite").is_dir():
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+        return
+    raise SystemExit(
+        "`laplace-lora bench` and `laplace-lora calibrate` run the benchmarks/ "
+        "folder of the source repository, which the installed package does not "
+        "ship: clone the repository, `pip install -e .` in it, and run from there."
+    )
+
+
 def _calibrate(args: argparse.Namespace) -> None:
-    from laplace_lora_backend.battery import (
+    _benchmarks_on_path()
+    from benchmarks.calibration import (
         CASES,
         BatteryConfig,
         aggregate,
@@ -145,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "calibrate":
         _calibrate(args)
     elif args.command == "bench":
-        from laplace_lora_backend.bench.suite import run_suite
+        _benchmarks_on_path()
+        from benchmarks.suite.suite import run_suite
 
         run_suite(
             output=args.output,

@@ -56,10 +56,8 @@ LAYERS = {
     "demo.report": 10,
     "demo.run": 11,
     "demo": 12,
-    "battery": 13,
-    "bench": 13,
-    "cli": 14,
-    "__main__": 15,
+    "cli": 13,
+    "__main__": 14,
 }
 LAZY_IMPORTS_ALLOWED = {"cli"}
 

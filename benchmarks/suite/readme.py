@@ -4,7 +4,7 @@ The README holds the block between ``<!-- bench:begin -->`` and
 ``<!-- bench:end -->``; `render` makes it from ``bench.json`` and a test checks
 that the two agree. After ``laplace-lora bench`` rewrite it with::
 
-    python -m laplace_lora_backend.bench.readme [bench.json] [README.md]
+    python -m benchmarks.suite.readme [bench.json] [README.md]
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from laplace_lora_backend.bench.suite import fmt_number, md_table
+from benchmarks.suite.suite import fmt_number, md_table
 
 __all__ = ["BEGIN", "END", "render", "update_readme"]
 

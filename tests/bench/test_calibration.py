@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from laplace_lora_backend.battery import (
+from benchmarks.calibration import (
     ABLATIONS,
     CASES,
     METHODS,
@@ -90,9 +90,9 @@ def test_readme_block_is_rendered_from_the_committed_json():
     """README's calibration block == readme_block(calibration.json)."""
     from pathlib import Path
 
-    from laplace_lora_backend.battery import README_BEGIN, README_END, readme_block
+    from benchmarks.calibration import README_BEGIN, README_END, readme_block
 
-    root = Path(__file__).parent.parent
+    root = Path(__file__).resolve().parents[2]
     summary = json.loads(
         (root / "benchmarks/results/calibration/calibration.json").read_text()
     )

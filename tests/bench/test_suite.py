@@ -103,7 +103,7 @@ def _synthetic_result(speedup_at_1000: float | None) -> dict:
 
 
 def test_targets_compare_with_the_fastest_and_smallest_laplace_torch_cell():
-    from laplace_lora_backend.bench.suite import targets
+    from benchmarks.suite.suite import targets
 
     got = {
         t["target"]: (t["measured"], t["met"])
@@ -127,7 +127,7 @@ def test_targets_compare_with_the_fastest_and_smallest_laplace_torch_cell():
 
 
 def test_predictive_target_is_a_lower_bound_when_laplace_torch_times_out():
-    from laplace_lora_backend.bench.suite import targets
+    from benchmarks.suite.suite import targets
 
     (c1000,) = [
         t for t in targets(_synthetic_result(None)) if "C = 1000" in t["target"]
@@ -137,15 +137,15 @@ def test_predictive_target_is_a_lower_bound_when_laplace_torch_times_out():
 
 
 def test_readme_benchmark_block_is_rendered_from_the_committed_json():
-    from laplace_lora_backend.bench.readme import BEGIN, END, render
+    from benchmarks.suite.readme import BEGIN, END, render
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     result = json.loads((root / "benchmarks/results/bench.json").read_text())
     readme = (root / "README.md").read_text()
     assert BEGIN in readme and END in readme
     block = readme.split(BEGIN, 1)[1].split(END, 1)[0]
     assert block.strip() == render(result).strip(), (
         "README benchmark block differs from benchmarks/results/bench.json; "
-        "rewrite it with `python -m laplace_lora_backend.bench.readme`."
+        "rewrite it with `python -m benchmarks.suite.readme`."
     )
     assert result["meta"]["mode"] == "full" and result["targets"]

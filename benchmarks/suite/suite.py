@@ -40,8 +40,8 @@ import torch
 from tqdm.auto import tqdm
 
 import laplace_lora_backend  # noqa: F401
-from laplace_lora_backend.bench.contenders import CONTENDERS, REFERENCE, contender
-from laplace_lora_backend.bench.measure import (
+from benchmarks.suite.contenders import CONTENDERS, REFERENCE, contender
+from benchmarks.suite.measure import (
     PeakMemory,
     error_message,
     peak_rss_bytes,
@@ -49,7 +49,7 @@ from laplace_lora_backend.bench.measure import (
     run_limited,
     timed_ratio,
 )
-from laplace_lora_backend.bench.workloads import (
+from benchmarks.suite.workloads import (
     Loader,
     Workload,
     many_outputs,
