@@ -150,3 +150,38 @@ def test_no_package_import_inside_a_function():
         if lazy and module not in LAZY_IMPORTS_ALLOWED
     ]
     assert not bad, "\n".join(bad)
+
+
+# size limits of the library (benchmarks and tests excepted): a function's code
+# is counted without its docstring (laplace-torch's signatures and their
+# NumPy docstrings are long by design)
+MAX_FILE_LINES, MAX_CLASS_LINES, MAX_FUNCTION_CODE_LINES = 400, 300, 60
+
+
+def _code_lines(node: ast.AST) -> int:
+    body = node.body
+    first = body[0]
+    is_doc = isinstance(first, ast.Expr) and isinstance(
+        getattr(first, "value", None), ast.Constant
+    )
+    if is_doc and len(body) > 1:
+        first = body[1]
+    return node.end_lineno - first.lineno + 1
+
+
+def test_files_classes_and_functions_stay_small():
+    bad = []
+    for module, path in _modules().items():
+        source = path.read_text()
+        if source.count("\n") > MAX_FILE_LINES:
+            bad.append(f"{module}: {source.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ClassDef):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_CLASS_LINES:
+                    bad.append(f"{module}.{node.name}: class of {n} lines")
+            elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = _code_lines(node)
+                if n > MAX_FUNCTION_CODE_LINES:
+                    bad.append(f"{module}.{node.name}: {n} lines of code")
+    assert not bad, "\n".join(bad)
