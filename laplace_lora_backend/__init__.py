@@ -36,6 +36,8 @@ from laplace_lora_backend.structures import (
     LoRAFullLaplace,
     LoRAKronLaplace,
 )
+from laplace_lora_backend.trust_region import TrustRegion
+from laplace_lora_backend.uncertainty import PredictiveUncertainty
 
 __all__ = [
     "AdapterMismatchError",
@@ -52,6 +54,8 @@ __all__ = [
     "LoRALayerNotFoundError",
     "NonFiniteError",
     "NotFittedError",
+    "PredictiveUncertainty",
+    "TrustRegion",
     "LoRAWeight",
     "UnsupportedLoRALayerError",
     "find_lora_weights",

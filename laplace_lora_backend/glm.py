@@ -18,7 +18,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["JacobianBatch", "center_logits", "jacobian_batches", "probit"]
+__all__ = [
+    "JacobianBatch",
+    "center_logits",
+    "gaussian_samples",
+    "jacobian_batches",
+    "probit",
+]
 
 
 @dataclass
@@ -206,3 +212,33 @@ def probit(
         f_mu, f_var = center_logits(f_mu, f_var)
     kappa = 1 / torch.sqrt(1.0 + math.pi / 8 * f_var.diagonal(dim1=-2, dim2=-1))
     return torch.softmax(kappa * f_mu, dim=-1)
+
+
+def gaussian_samples(
+    f_mu: torch.Tensor,
+    f_var: torch.Tensor,
+    n_samples: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Samples of ``N(f_mu, f_var)`` per example (covariance may be singular).
+
+    Parameters
+    ----------
+    f_mu : torch.Tensor
+        `(batch, C)`.
+    f_var : torch.Tensor
+        `(batch, C, C)` positive semi-definite.
+    n_samples : int
+    generator : torch.Generator, optional
+
+    Returns
+    -------
+    torch.Tensor
+        `(n_samples, batch, C)`, in `f_mu`'s dtype.
+    """
+    w, V = torch.linalg.eigh(f_var.double())
+    L = V * w.clamp_min(0).sqrt().unsqueeze(-2)  # f_var = L L^T
+    z = torch.randn(
+        n_samples, *f_mu.shape, generator=generator, dtype=torch.float64
+    ).to(f_mu.device)
+    return (f_mu.double() + torch.einsum("bij,sbj->sbi", L, z)).to(f_mu.dtype)

@@ -21,7 +21,11 @@ from typing import Any
 import torch
 from laplace.utils import Likelihood, LinkApprox, PredType
 
-from laplace_lora_backend.glm import JacobianBatch, probit
+from laplace_lora_backend.glm import JacobianBatch, gaussian_samples, probit
+from laplace_lora_backend.uncertainty import (
+    PredictiveUncertainty,
+    uncertainty_from_samples,
+)
 
 __all__ = ["LoRAPredictive"]
 
@@ -79,6 +83,63 @@ class LoRAPredictive:
             fitting,
             **model_kwargs,
         )
+
+    def predictive_uncertainty(
+        self,
+        x: Any,
+        pred_type: PredType | str = PredType.GLM,
+        link_approx: LinkApprox | str = LinkApprox.PROBIT,
+        n_samples: int = 100,
+        generator: torch.Generator | None = None,
+    ) -> PredictiveUncertainty:
+        """Predictive probabilities and their uncertainty, per example.
+
+        `probs` is ``la(x, pred_type, link_approx=...)``; the logit moments,
+        the expected entropy (aleatoric) and the mutual information
+        (epistemic) come from `n_samples` logit samples: drawn from the GLM
+        Gaussian ``N(f(x), J Sigma J^T)``, or the model's outputs under
+        weights sampled from the posterior (``pred_type="nn"``). See
+        `laplace_lora_backend.uncertainty`. Labels are not needed.
+
+        Parameters
+        ----------
+        x : torch.Tensor or MutableMapping or JacobianBatch
+            A batch (a `JacobianBatch` for the GLM predictive).
+        pred_type : {'glm', 'nn'}, default='glm'
+        link_approx : {'probit', 'mc', 'bridge', 'bridge_norm'}, default='probit'
+            The link of `probs` (GLM).
+        n_samples : int, default=100
+        generator : torch.Generator, optional
+            For the samples.
+
+        Returns
+        -------
+        PredictiveUncertainty
+
+        Raises
+        ------
+        ValueError
+            For regression (no class probabilities).
+        """
+        if self.likelihood != Likelihood.CLASSIFICATION:
+            raise ValueError(
+                "predictive_uncertainty is for classification; for regression "
+                "la(x) returns the predictive mean and variance."
+            )
+        pred_type = str(getattr(pred_type, "value", pred_type))
+        if pred_type == PredType.NN:
+            samples = self.functional_samples(
+                x, pred_type="nn", n_samples=n_samples, generator=generator
+            ).detach()
+            probs = samples.softmax(-1).mean(0)
+            return uncertainty_from_samples(probs, samples)
+        self._check_prediction_input(x)
+        if self._uses_lora_backend and not isinstance(x, JacobianBatch):
+            x = self.jacobian_batch(x)  # one Jacobian pass for both uses
+        mu, var = self._glm_predictive_distribution(x)
+        probs = self(x, pred_type="glm", link_approx=link_approx, n_samples=n_samples)
+        samples = gaussian_samples(mu, var, n_samples, generator)
+        return uncertainty_from_samples(probs.detach(), samples, mu, var)
 
     def functional_samples(self, x: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Function-space samples (see laplace-torch); checks the batch first.

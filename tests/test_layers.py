@@ -30,6 +30,7 @@ LAYERS = {
     "glm": 2,
     "hf_models": 2,
     "validation": 2,
+    "uncertainty": 2,
     "trust_region": 3,
     "prior_groups": 3,
     "prior_validation": 3,
