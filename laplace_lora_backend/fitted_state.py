@@ -19,6 +19,7 @@ from laplace_lora_backend.curvature.discovery import find_lora_weights
 from laplace_lora_backend.errors import NotFittedError
 from laplace_lora_backend.validation import (
     check_batch_keys,
+    check_prediction_batch,
     check_same_weights,
     signature,
 )
@@ -57,7 +58,8 @@ class FittedState:
             raise self._not_fitted()
 
     def _check_prediction_input(self, x: Any) -> None:
-        """Before predicting: fitted (or warn), same LoRA weights, batch keys."""
+        """Before predicting: one batch, fitted (or warn), same weights, keys."""
+        check_prediction_batch(x, any(m.training for m in self.model.modules()))
         if not self._is_fitted:
             if not self._unfitted_is_prior:
                 raise self._not_fitted()

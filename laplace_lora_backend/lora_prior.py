@@ -52,10 +52,19 @@ class LoRAPrior:
         previous = self.__dict__.get("_prior_precision")
         try:
             super(LoRAPrior, type(self)).prior_precision.fset(self, prior_precision)
-        except ValueError:
+        except ValueError as err:
             if previous is not None:
                 self._prior_precision = previous
-            raise
+            if "align" not in str(err):
+                raise
+            kinds = [w.kind for w in self.lora_weights]
+            raise ValueError(
+                f"prior_precision has {value.numel()} values; expected 1 (one for "
+                f"all), {self.n_layers} (one per LoRA weight tensor, lora_A and "
+                f"lora_B counted apart: {kinds.count('A')} A + {kinds.count('B')} "
+                f"B, in la.lora_weights order) or {self.n_params} (one per "
+                "parameter)."
+            ) from None
 
     def log_prob(self, value: torch.Tensor, normalized: bool = True) -> torch.Tensor:
         """Log density of `value` `(P,)` under the posterior (the prior before fit).

@@ -238,7 +238,7 @@ class LoRALaplace(
         try:
             if not empty:
                 super().fit(
-                    CheckedLoader(train_loader, self._checked_batches),
+                    CheckedLoader(train_loader, self._checked_batches, self.dict_key_y),
                     override=override,
                     progress_bar=progress_bar,
                 )

@@ -9,6 +9,7 @@ constructor's likelihood and backend arguments.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
 from typing import Any
 
@@ -32,6 +33,7 @@ __all__ = [
     "check_batch_keys",
     "check_curvature_finite",
     "check_likelihood",
+    "check_prediction_batch",
     "check_same_weights",
     "checked_batches",
     "first_difference",
@@ -140,7 +142,8 @@ def checked_batches(
     Yields
     ------
     Any
-        The batches of `loader`, unchanged.
+        The batches of `loader`; an `(dict, y)` pair becomes one dict batch
+        with `y` under `dict_key_y`.
 
     Raises
     ------
@@ -150,6 +153,12 @@ def checked_batches(
         Missing `dict_key_y`, or targets that do not fit the likelihood.
     """  # noqa: DOC502 (ValueError: raised by check_batch_keys, check_targets)
     for data in loader:
+        if (
+            isinstance(data, Sequence)
+            and len(data) == 2
+            and isinstance(data[0], MutableMapping)
+        ):  # (dict, y) pairs: one dict batch, as laplace-torch reads dicts
+            data = {**data[0], dict_key_y: data[1]}
         if isinstance(data, MutableMapping):
             check_batch_keys(data, [dict_key_y])
             y = data[dict_key_y]
@@ -171,16 +180,52 @@ class CheckedLoader:
     loader twice (one batch for the output size, then all).
     """
 
-    def __init__(self, loader: Iterable, check: Callable[[Iterable], Iterator]):
+    def __init__(
+        self,
+        loader: Iterable,
+        check: Callable[[Iterable], Iterator],
+        dict_key_y: str = "labels",
+    ):
         self.loader = loader
         self.check = check
-        self.dataset = loader.dataset
+        self.dataset = getattr(loader, "dataset", None)
+        if self.dataset is None:
+            self.dataset = range(_count_examples(loader, dict_key_y))
 
     def __iter__(self) -> Iterator[Any]:
         return self.check(self.loader)
 
     def __len__(self) -> int:
         return len(self.loader)
+
+
+def _count_examples(loader: Iterable, dict_key_y: str) -> int:
+    """Examples in a list of batches (laplace-torch reads `len(loader.dataset)`).
+
+    Returns
+    -------
+    int
+        The number of labels over all batches.
+
+    Raises
+    ------
+    TypeError
+        For a one-pass iterable without `.dataset` (it cannot be counted
+        without being consumed).
+    """
+    if not isinstance(loader, Sequence):
+        raise TypeError(
+            f"train_loader ({type(loader).__name__}) has no `.dataset`: fit reads "
+            "the number of training examples from len(train_loader.dataset), as "
+            "laplace-torch does. Pass a torch DataLoader, or a list of batches."
+        )
+    n = 0
+    for data in loader:
+        if isinstance(data, MutableMapping):
+            n += len(data[dict_key_y]) if dict_key_y in data else 0
+        elif isinstance(data, Sequence) and len(data) == 2:
+            n += len(data[1])
+    return n
 
 
 def check_curvature_finite(
@@ -270,3 +315,37 @@ def known_empty(loader: Iterable) -> bool:
         return len(loader) == 0
     except TypeError:
         return False
+
+
+def check_prediction_batch(x: Any, model_training: bool) -> None:
+    """A predictive takes one batch; warn if the model would sample dropout.
+
+    Parameters
+    ----------
+    x : Any
+        What was passed to ``la(x)``.
+    model_training : bool
+        `model.training`.
+
+    Raises
+    ------
+    TypeError
+        For a list, tuple, or loader instead of one batch, saying how to
+        predict over a loader.
+    """
+    if isinstance(x, torch.Tensor | MutableMapping) or hasattr(x, "Js"):
+        pass  # a tensor, a dict batch, or a JacobianBatch
+    elif isinstance(x, Iterable) and not isinstance(x, str | bytes):
+        raise TypeError(
+            f"la(x) predicts one batch (a tensor or a dict of tensors such as a "
+            f"tokenizer's output), got a {type(x).__name__}. For a loader: "
+            "torch.cat([la(batch) for batch in loader]); labels in a batch are "
+            "ignored."
+        )
+    if model_training:
+        warnings.warn(
+            "The model is in training mode: dropout (e.g. LoRA dropout) is active "
+            "and the predictive is stochastic. Call model.eval() (fit leaves the "
+            "model in eval mode).",
+            stacklevel=4,
+        )

@@ -265,3 +265,68 @@ def test_adapters_changed_between_fit_and_predict():
         la.functional_samples(batch, n_samples=2)
     peft_model.set_adapter("default")
     assert torch.equal(la(batch), expected)
+
+
+def _la(**kwargs):
+    return Laplace(
+        make_peft_classifier("llama"),
+        "classification",
+        subset_of_weights="lora",
+        **kwargs,
+    )
+
+
+def test_a_loader_of_dict_label_pairs_is_the_dict_loader():
+    """(dict, y) tuples (a common collate) fit the same posterior as dict batches;
+    a plain list of batches needs no `.dataset`."""
+    batch = make_batch(n=6, pad=True)
+    x = {k: v for k, v in batch.items() if k != "labels"}
+    pairs = [
+        ({k: v[i : i + 3] for k, v in x.items()}, batch["labels"][i : i + 3])
+        for i in (0, 3)
+    ]
+    la, ref = _la(), _la()
+    la.fit(pairs)
+    ref.fit(make_loader(batch))
+    assert la.n_data == ref.n_data == 6
+    assert torch.allclose(la.H.to_matrix(), ref.H.to_matrix())
+
+
+def test_a_one_pass_iterable_without_dataset_says_what_to_pass():
+    batch = make_batch(n=6, pad=True)
+    la = _la()
+    with pytest.raises(TypeError, match=r"len\(train_loader.dataset\).*DataLoader"):
+        la.fit(iter([batch]))
+    la.fit(make_loader(batch))  # still usable
+
+
+@pytest.mark.parametrize("wrap", ["list", "loader"])
+def test_predicting_a_list_or_a_loader_says_how(wrap):
+    batch = make_batch(n=6, pad=True)
+    la = _la()
+    la.fit(make_loader(batch))
+    x = [batch] if wrap == "list" else make_loader(batch)
+    with pytest.raises(TypeError, match=r"one batch.*torch.cat\(\[la\(batch\)"):
+        la(x)
+    assert la(batch).shape == (6, 3)  # the object stays usable
+
+
+def test_prior_of_the_wrong_length_names_the_expected_lengths():
+    la = _la()
+    la.fit(make_loader(make_batch(n=6, pad=True)))
+    before = la.prior_precision.clone()
+    with pytest.raises(ValueError, match=r"expected 1 .* 8 .*apart: 4 A \+ 4 B"):
+        la.prior_precision = torch.ones(3)
+    assert torch.equal(la.prior_precision, before)
+
+
+def test_predicting_in_training_mode_warns():
+    la = _la()
+    batch = make_batch(n=6, pad=True)
+    la.fit(make_loader(batch))
+    la.model.train()
+    try:
+        with pytest.warns(UserWarning, match=r"training mode.*model.eval\(\)"):
+            la(batch)
+    finally:
+        la.model.eval()
