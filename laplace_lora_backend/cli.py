@@ -17,28 +17,53 @@ import os
 import sys
 from pathlib import Path
 
+from laplace_lora_backend._version import __version__
 from laplace_lora_backend.demo.config import add_arguments as add_demo_arguments
 from laplace_lora_backend.demo.config import from_arguments as demo_from_arguments
 
 
 def _bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke test (minutes)")
-    parser.add_argument("--output", default="benchmarks/results")
+    parser.add_argument(
+        "--output",
+        default="benchmarks/results",
+        help="folder for bench.{md,json} and the plot; default: %(default)s",
+    )
     parser.add_argument(
         "--sections",
         nargs="+",
         default=["models", "widths", "outputs"],
         choices=["models", "widths", "outputs"],
+        help="suite sections to run; default: all",
     )
     parser.add_argument(
         "--smollm2", action="store_true", help="add the SmolLM2-135M workload"
     )
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--limit-s", type=float, default=600.0, help="per cell")
-    parser.add_argument("--mem-gib", type=float, default=16.0, help="per cell")
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
-        "--device", default="cpu", help="cpu or cuda (results get a _gpu suffix)"
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed repetitions per cell; default: 3 (2 with --quick)",
+    )
+    parser.add_argument(
+        "--limit-s",
+        type=float,
+        default=600.0,
+        help="seconds per cell before it is skipped; default: %(default)s",
+    )
+    parser.add_argument(
+        "--mem-gib",
+        type=float,
+        default=16.0,
+        help="memory per cell before it is skipped; default: %(default)s",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads; default: %(default)s"
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu or cuda (results get a _gpu suffix); default: %(default)s",
     )
 
 
@@ -155,7 +180,14 @@ def _calibrate(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``laplace-lora`` console script."""
-    parser = argparse.ArgumentParser(prog="laplace-lora", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="laplace-lora",
+        description=__doc__.replace("``", "'").replace("`", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     add_demo_arguments(
         sub.add_parser("demo", help="MAP vs Laplace-LoRA calibration demo")
