@@ -8,16 +8,21 @@ JSON and reliability diagram (see `laplace_lora_backend.demo`).
 weights, in one process run (`benchmarks/suite/`, from a clone).
 
 ``laplace-lora calibrate``: the calibration battery (`benchmarks/calibration.py`).
+
+``laplace-lora finetune | fit | predict | evaluate``: your own adapter and
+data file (see `laplace_lora_backend.commands`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
 from laplace_lora_backend._version import __version__
+from laplace_lora_backend.commands.arguments import add_command_arguments
 from laplace_lora_backend.demo.config import add_arguments as add_demo_arguments
 from laplace_lora_backend.demo.config import from_arguments as demo_from_arguments
 
@@ -178,6 +183,21 @@ def _calibrate(args: argparse.Namespace) -> None:
             update_readme(summary, args.readme)
 
 
+COMMANDS = ("finetune", "fit", "predict", "evaluate")
+
+
+def _run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Run a command on the user's files; bad input: message and exit code 2."""
+    from laplace_lora_backend.commands import run
+    from laplace_lora_backend.commands.files import CommandError
+
+    try:
+        summary = getattr(run, args.command)(args)
+    except CommandError as err:
+        parser.exit(2, f"laplace-lora {args.command}: error: {err}\n")
+    print(json.dumps(summary, indent=1))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``laplace-lora`` console script."""
     parser = argparse.ArgumentParser(
@@ -196,9 +216,12 @@ def main(argv: list[str] | None = None) -> None:
     _calibrate_args(
         sub.add_parser("calibrate", help="calibration battery: MAP vs LA, 8 cases")
     )
+    add_command_arguments(sub)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.command == "demo":
+    if args.command in COMMANDS:
+        _run_command(parser, args)
+    elif args.command == "demo":
         from laplace_lora_backend.demo import run_demo
 
         run_demo(demo_from_arguments(args))

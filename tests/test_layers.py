@@ -57,8 +57,13 @@ LAYERS = {
     "demo.report": 10,
     "demo.run": 11,
     "demo": 12,
-    "cli": 13,
-    "__main__": 14,
+    "commands.files": 13,
+    "commands.task": 14,
+    "commands.arguments": 13,
+    "commands.run": 15,
+    "commands": 16,
+    "cli": 17,
+    "__main__": 18,
 }
 LAZY_IMPORTS_ALLOWED = {"cli"}
 

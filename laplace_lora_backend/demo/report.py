@@ -32,7 +32,9 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def markdown_table(summary, n_seeds: int, title: str) -> str:
+def markdown_table(
+    summary, n_seeds: int, title: str, methods: list[str] = METHODS
+) -> str:
     """The paper's table: ACC / ECE / NLL / Brier per method.
 
     ACC and ECE in percent; mean +- std over seeds.
@@ -48,7 +50,7 @@ def markdown_table(summary, n_seeds: int, title: str) -> str:
         "| method | ACC (%) | ECE (%) | NLL | Brier |",
         "|---|---:|---:|---:|---:|",
     ]
-    for m in METHODS:
+    for m in methods:
         s = summary[m]
 
         def cell(k, scale=1.0, digits=3, s=s):
@@ -62,7 +64,9 @@ def markdown_table(summary, n_seeds: int, title: str) -> str:
     return "\n".join(lines)
 
 
-def reliability_plot(run: dict[str, Any], path: Path, title: str) -> None:
+def reliability_plot(
+    run: dict[str, Any], path: Path, title: str, methods: list[str] = METHODS
+) -> None:
     """Reliability diagram of one run, one panel per method (PNG at `path`)."""
     import matplotlib
 
@@ -71,10 +75,10 @@ def reliability_plot(run: dict[str, Any], path: Path, title: str) -> None:
 
     labels = torch.tensor(run["labels"])
     fig, axes = plt.subplots(
-        1, len(METHODS), figsize=(3 * len(METHODS), 3.2), sharey=True
+        1, len(methods), figsize=(3 * len(methods), 3.2), sharey=True
     )
     centers = (torch.arange(15) + 0.5) / 15
-    for ax, m in zip(axes, METHODS, strict=True):
+    for ax, m in zip(axes, methods, strict=True):
         conf, acc, count = reliability_bins(torch.tensor(run["probs"][m]), labels)
         ok = count > 0
         ax.bar(

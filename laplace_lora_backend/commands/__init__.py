@@ -1,0 +1,1 @@
+"""Commands on users' own adapters and files: finetune, fit, predict, evaluate."""

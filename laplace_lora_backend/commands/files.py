@@ -1,0 +1,134 @@
+"""Read users' labelled or unlabelled text files; write outputs atomically."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CommandError", "Table", "atomic_write", "read_table"]
+
+
+class CommandError(ValueError):
+    """Bad input to a command: the CLI prints the message and exits with 2."""
+
+
+class Table:
+    """Texts and, if the file has the label column, their raw labels.
+
+    Attributes
+    ----------
+    texts : list[str]
+    labels : list[str] or None
+        As written in the file (strings; integers are kept as their text).
+    path : Path
+    """
+
+    def __init__(self, texts: list[str], labels: list[str] | None, path: Path):
+        self.texts, self.labels, self.path = texts, labels, path
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise CommandError(
+                        f"{path}: line {i} is not JSON ({err})."
+                    ) from None
+        return rows
+    if suffix not in (".csv", ".tsv"):
+        raise CommandError(
+            f"{path}: unknown file type {suffix!r}; use .csv, .tsv or .jsonl."
+        )
+    delimiter = "\t" if suffix == ".tsv" else ","
+    return list(csv.DictReader(text.splitlines(), delimiter=delimiter))
+
+
+def read_table(
+    path: str | os.PathLike,
+    text_column: str = "text",
+    label_column: str = "label",
+    require_labels: bool = False,
+) -> Table:
+    """The texts and labels of a CSV, TSV or JSONL file.
+
+    Returns
+    -------
+    Table
+
+    Raises
+    ------
+    CommandError
+        Missing, empty or non-UTF-8 file, unknown type, missing text column,
+        or a missing / incomplete label column when `require_labels`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CommandError(f"{path}: no such file.")
+    try:
+        rows = _rows(path)
+    except UnicodeDecodeError as err:
+        raise CommandError(
+            f"{path}: not UTF-8 ({err.reason} at byte {err.start}); re-save it "
+            "as UTF-8."
+        ) from None
+    if not rows:
+        raise CommandError(f"{path}: no rows.")
+    columns = sorted(rows[0])
+    if text_column not in rows[0]:
+        raise CommandError(
+            f"{path}: no column {text_column!r} (columns: {columns}); choose the "
+            "text column with --text-column."
+        )
+    texts = [str(r.get(text_column) or "") for r in rows]
+    has_labels = label_column in rows[0]
+    if require_labels and not has_labels:
+        raise CommandError(
+            f"{path}: no label column {label_column!r} (columns: {columns}); "
+            "choose it with --label-column."
+        )
+    labels = None
+    if has_labels:
+        labels = [r.get(label_column) for r in rows]
+        missing = [i for i, v in enumerate(labels, 1) if v in (None, "")]
+        if missing and require_labels:
+            raise CommandError(
+                f"{path}: {len(missing)} row(s) without a label (first: row "
+                f"{missing[0]})."
+            )
+        labels = None if missing else [str(v) for v in labels]
+    return Table(texts, labels, path)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Write through a temporary name in the same folder, then rename.
+
+    An interrupted command leaves no partial file under `path`.
+
+    Returns
+    -------
+    Path
+        `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink() if tmp.is_file() else None
+    return path
