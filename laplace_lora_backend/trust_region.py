@@ -87,12 +87,13 @@ def _draws(n_classes: int, n_draws: int = N_DRAWS) -> torch.Tensor:
         that for a vanishing covariance the expected loss rise equals the
         quadratic one exactly.
     """
+    half = max(n_draws // 2, 2 * n_classes)  # whitening needs > C draws
     gen = torch.Generator().manual_seed(0)
-    z = torch.randn(n_draws // 2, n_classes, generator=gen, dtype=torch.float64)
+    z = torch.randn(half, n_classes, generator=gen, dtype=torch.float64)
     z = z - z.mean(0)
-    L = torch.linalg.cholesky(z.T @ z / (n_draws // 2))
+    L = torch.linalg.cholesky(z.T @ z / half)
     z = torch.linalg.solve_triangular(L, z.T, upper=False).T
-    return torch.cat([z, -z])
+    return torch.cat([z, -z])  # (2 * half, C)
 
 
 def _nll(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -140,7 +141,7 @@ def loss_rise(
     L = V * w.clamp_min(0).sqrt().unsqueeze(-2)  # var = L L^T
     z = _draws(f.shape[-1], n_draws).to(f.device)
     samples = f.unsqueeze(1) + torch.einsum("bck,mk->bmc", L, z)
-    actual = _nll(samples, y.unsqueeze(1).expand(-1, n_draws, -1)).mean(1)
+    actual = _nll(samples, y.unsqueeze(1).expand(-1, z.shape[0], -1)).mean(1)
     actual = actual - _nll(f, y)
     p = f.softmax(-1)
     d = var.diagonal(dim1=-2, dim2=-1)

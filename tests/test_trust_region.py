@@ -188,3 +188,14 @@ def test_trust_region_scale_with_a_fixed_bound_is_monotone(saturated):
         la.prior_precision = base
         scales.append(trust_region_scale(la, batches, bound).scale)
     assert scales[0] >= scales[1] >= scales[2]
+
+
+def test_loss_rise_works_for_more_classes_than_draws():
+    """Whitening needs more draws than classes: 300 classes, 64 draws asked."""
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(2, 300, generator=g, dtype=torch.float64)
+    var = 1e-8 * torch.eye(300, dtype=torch.float64).expand(2, 300, 300)
+    actual, predicted = loss_rise(f, var, torch.tensor([0, 5]), n_draws=64)
+    assert torch.allclose(
+        actual / predicted, torch.ones(2, dtype=torch.float64), atol=1e-4
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Callable
@@ -35,11 +36,11 @@ class Table:
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a leading BOM is dropped
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
-        for i, line in enumerate(text.splitlines(), 1):
+        for i, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -53,7 +54,14 @@ def _rows(path: Path) -> list[dict[str, Any]]:
             f"{path}: unknown file type {suffix!r}; use .csv, .tsv or .jsonl."
         )
     delimiter = "\t" if suffix == ".tsv" else ","
-    return list(csv.DictReader(text.splitlines(), delimiter=delimiter))
+    rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter))
+    for i, row in enumerate(rows, 2):
+        if None in row:
+            raise CommandError(
+                f"{path}: row {i} has more fields than the header (an unquoted "
+                f"{'tab' if delimiter == chr(9) else 'comma'} in a text?); quote it."
+            )
+    return rows
 
 
 def read_table(

@@ -234,7 +234,8 @@ def _loaded(args: argparse.Namespace, require_labels: bool):
         ``(task, table, classes, batches, model, la)``.
     """
     _setup(args)
-    task = _task(args, args.adapter)
+    saved = args.posterior if args.posterior else args.adapter  # fit's settings
+    task = _task(args, saved if TaskOptions.saved(saved) else args.adapter)
     table = read_table(args.data, task.text_column, task.label_column, require_labels)
     lm, tok = load_base(args.base_model, args.device)
     classes, ids = class_labels(table if table.labels else None, task, tok)

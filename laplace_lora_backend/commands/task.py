@@ -188,10 +188,15 @@ def encode(
     -------
     list[dict[str, torch.Tensor]]
     """
-    empty = task.template.format(text="")
-    budget = max(8, task.max_length - len(tokenizer.encode(empty)))
+
+    def ids(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    budget = max(8, task.max_length - len(ids(task.template.format(text=""))))
     prompts = [
-        task.template.format(text=tokenizer.decode(tokenizer.encode(t)[:budget]))
+        task.template.format(
+            text=tokenizer.decode(ids(t)[:budget], skip_special_tokens=True)
+        )
         for t in table.texts
     ]
     batches = []

@@ -199,3 +199,16 @@ def test_a_posterior_of_another_adapter_is_refused(pipeline, capsys):
         "--posterior", "adapter", "--data", "unlabelled.csv", "--output", "p.jsonl",
     )  # fmt: skip
     assert "adapter" in err and "p.jsonl" not in os.listdir(tmp)
+
+
+def test_files_with_a_bom_multiline_fields_and_stray_commas(tmp_path):
+    from laplace_lora_backend.commands.files import CommandError, read_table
+
+    p = tmp_path / "bom.csv"
+    p.write_text('\ufefftext,label\n"line one\nline two",a\n', encoding="utf-8")
+    table = read_table(p)
+    assert table.texts == ["line one\nline two"] and table.labels == ["a"]
+    bad = tmp_path / "comma.csv"
+    bad.write_text("text,label\nHello, world,1\n")
+    with pytest.raises(CommandError, match="row 2 has more fields"):
+        read_table(bad)
