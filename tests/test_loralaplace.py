@@ -244,7 +244,7 @@ def test_prior_precision_per_lora_weight_and_state_dict_round_trip():
     )
     la2.load_state_dict(la.state_dict())
     assert torch.allclose(la2.log_marginal_likelihood(), lml)
-    with pytest.raises(ValueError, match="prior precision"):
+    with pytest.raises(ValueError, match="prior_precision has 3 values"):
         la.prior_precision = torch.ones(3)
 
 
