@@ -24,6 +24,7 @@ __all__ = [
     "gaussian_samples",
     "jacobian_batches",
     "probit",
+    "psd_factor",
 ]
 
 
@@ -214,6 +215,21 @@ def probit(
     return torch.softmax(kappa * f_mu, dim=-1)
 
 
+def psd_factor(var: torch.Tensor) -> torch.Tensor:
+    """`L` with ``var = L L^T`` for a positive semi-definite (singular) `var`.
+
+    Eigendecomposition with negative rounding clamped to 0 (a Cholesky fails on
+    the zero-sum logits' singular covariance).
+
+    Returns
+    -------
+    torch.Tensor
+        `var.shape`.
+    """
+    w, V = torch.linalg.eigh(var)
+    return V * w.clamp_min(0).sqrt().unsqueeze(-2)
+
+
 def gaussian_samples(
     f_mu: torch.Tensor,
     f_var: torch.Tensor,
@@ -236,8 +252,7 @@ def gaussian_samples(
     torch.Tensor
         `(n_samples, batch, C)`, in `f_mu`'s dtype.
     """
-    w, V = torch.linalg.eigh(f_var.double())
-    L = V * w.clamp_min(0).sqrt().unsqueeze(-2)  # f_var = L L^T
+    L = psd_factor(f_var.double())
     z = torch.randn(
         n_samples, *f_mu.shape, generator=generator, dtype=torch.float64
     ).to(f_mu.device)

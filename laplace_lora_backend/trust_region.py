@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from laplace_lora_backend.glm import JacobianBatch, center_logits
+from laplace_lora_backend.glm import JacobianBatch, center_logits, psd_factor
 
 __all__ = ["TrustRegion", "expansion_ratio", "loss_rise", "trust_region_scale"]
 
@@ -137,8 +137,7 @@ def loss_rise(
     """
     f, var = center_logits(f.double(), var.double())
     y = y.long().reshape(-1, 1).to(f.device)
-    w, V = torch.linalg.eigh(var)
-    L = V * w.clamp_min(0).sqrt().unsqueeze(-2)  # var = L L^T
+    L = psd_factor(var)
     z = _draws(f.shape[-1], n_draws).to(f.device)
     samples = f.unsqueeze(1) + torch.einsum("bck,mk->bmc", L, z)
     actual = _nll(samples, y.unsqueeze(1).expand(-1, z.shape[0], -1)).mean(1)

@@ -1,4 +1,4 @@
-"""Read users' labelled or unlabelled text files; write outputs atomically."""
+"""Read users' labelled or unlabelled text files."""
 
 from __future__ import annotations
 
@@ -6,11 +6,10 @@ import csv
 import io
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CommandError", "Table", "atomic_write", "read_table"]
+__all__ = ["CommandError", "Table", "read_table"]
 
 
 class CommandError(ValueError):
@@ -118,25 +117,3 @@ def read_table(
             )
         labels = None if missing else [str(v) for v in labels]
     return Table(texts, labels, path)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Write through a temporary name in the same folder, then rename.
-
-    An interrupted command leaves no partial file under `path`.
-
-    Returns
-    -------
-    Path
-        `path`.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink() if tmp.is_file() else None
-    return path

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from laplace import Laplace
 
+from laplace_lora_backend._codec import atomic_write
 from laplace_lora_backend.commands.files import CommandError, Table, read_table
 from laplace_lora_backend.commands.task import (
     TaskOptions,
@@ -99,9 +100,7 @@ def _into_dir(directory: str | Path, write: Callable[[Path], None]) -> Path:
 def _write_file(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _setup(args: argparse.Namespace) -> None:
