@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -218,7 +217,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     add_command_arguments(sub)
     args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.command in COMMANDS:
         _run_command(parser, args)
     elif args.command == "demo":

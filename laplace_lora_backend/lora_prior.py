@@ -22,7 +22,11 @@ class LoRAPrior:
 
     Uses the host's `_is_fitted`, `prior_precision_diag`, `prior_mean` and
     `n_params`; must come before the laplace-torch class in the bases.
+    A structure whose host class refuses one precision per parameter (Kron)
+    sets `per_parameter_prior` to False.
     """
+
+    per_parameter_prior: bool = True
 
     @property
     def prior_precision(self) -> torch.Tensor:
@@ -55,15 +59,24 @@ class LoRAPrior:
         except ValueError as err:
             if previous is not None:
                 self._prior_precision = previous
-            if "align" not in str(err):
+            if "align" not in str(err) and "per-layer" not in str(err):
                 raise
             kinds = [w.kind for w in self.lora_weights]
+            per_tensor = (
+                f"{self.n_layers} (one per LoRA weight tensor, lora_A and lora_B "
+                f"counted apart: {kinds.count('A')} A + {kinds.count('B')} B, in "
+                "la.lora_weights order)"
+            )
+            if self.per_parameter_prior:
+                lengths = f"{per_tensor} or {self.n_params} (one per parameter)"
+            else:
+                lengths = (
+                    f"or {per_tensor}; one value per parameter needs "
+                    'hessian_structure="diag" or "full"'
+                )
             raise ValueError(
                 f"prior_precision has {value.numel()} values; expected 1 (one for "
-                f"all), {self.n_layers} (one per LoRA weight tensor, lora_A and "
-                f"lora_B counted apart: {kinds.count('A')} A + {kinds.count('B')} "
-                f"B, in la.lora_weights order) or {self.n_params} (one per "
-                "parameter)."
+                f"all), {lengths}."
             ) from None
 
     def log_prob(self, value: torch.Tensor, normalized: bool = True) -> torch.Tensor:

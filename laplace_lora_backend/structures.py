@@ -70,6 +70,7 @@ class LoRAKronLaplace(LoRALaplace, KronLaplace):
     # key to map to this class in laplace.Laplace: (subset_of_weights, structure)
     _key = ("lora", "kron")
     _unfitted_is_prior = False  # as KronLaplace: no factors before fit
+    per_parameter_prior = False  # KronLaplace: scalar or per-layer only
 
     def __init__(
         self,

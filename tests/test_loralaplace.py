@@ -244,8 +244,20 @@ def test_prior_precision_per_lora_weight_and_state_dict_round_trip():
     )
     la2.load_state_dict(la.state_dict())
     assert torch.allclose(la2.log_marginal_likelihood(), lml)
-    with pytest.raises(ValueError, match="prior_precision has 3 values"):
+    with pytest.raises(ValueError, match="prior_precision has 3 values") as err:
         la.prior_precision = torch.ones(3)
+    assert "or 8 (one per LoRA weight tensor" in str(err.value)
+    assert 'one value per parameter needs hessian_structure="diag"' in str(err.value)
+    with pytest.raises(ValueError, match=f"prior_precision has {la.n_params} values"):
+        la.prior_precision = torch.ones(la.n_params)
+    assert torch.equal(la.prior_precision, torch.ones(8))  # the previous value kept
+    diag = Laplace(
+        model, "classification", subset_of_weights="lora", hessian_structure="diag"
+    )
+    with pytest.raises(ValueError, match="prior_precision has 3 values") as err:
+        diag.prior_precision = torch.ones(3)
+    assert f"or {diag.n_params} (one per parameter)" in str(err.value)
+    diag.prior_precision = torch.ones(diag.n_params)
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,29 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_command_arguments"]
+__all__ = ["add_command_arguments", "positive_int"]
+
+
+def positive_int(text: str) -> int:
+    """Parse a count that must be at least 1 (argparse ``type``).
+
+    Returns
+    -------
+    int
+        The count.
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        Not an integer, or below 1.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _common(p: argparse.ArgumentParser, adapter: bool = True) -> None:
@@ -39,11 +61,15 @@ def _common(p: argparse.ArgumentParser, adapter: bool = True) -> None:
         "'Text: {text}\\nAnswer:' (or the saved task's)",
     )
     p.add_argument(
-        "--max-length", type=int, help="tokens per prompt; default: 128 (or saved)"
+        "--max-length",
+        type=positive_int,
+        help="tokens per prompt; default: 128 (or saved)",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="default: %(default)s")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=8, help="default: %(default)s"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda; default: %(default)s")
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -52,9 +78,13 @@ def add_command_arguments(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="MAP-fine-tune a LoRA adapter on a file")
     _common(p, adapter=False)
     p.add_argument("--output", required=True, help="adapter folder to write")
-    p.add_argument("--epochs", type=int, default=4, help="default: %(default)s")
+    p.add_argument(
+        "--epochs", type=positive_int, default=4, help="default: %(default)s"
+    )
     p.add_argument("--lr", type=float, default=2e-3, help="default: %(default)s")
-    p.add_argument("--lora-r", type=int, default=8, help="default: %(default)s")
+    p.add_argument(
+        "--lora-r", type=positive_int, default=8, help="default: %(default)s"
+    )
     p.add_argument(
         "--target-modules",
         default="q_proj,v_proj",

@@ -67,7 +67,7 @@ def _adapted(lm: torch.nn.Module, adapter: str) -> torch.nn.Module:
             "from model.save_pretrained or laplace-lora finetune)."
         )
     try:
-        return PeftModel.from_pretrained(lm, adapter)
+        return PeftModel.from_pretrained(lm, adapter, local_files_only=True)
     except (RuntimeError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0][:300]
         raise CommandError(
@@ -180,12 +180,20 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
     CommandError
         ``--prior auto`` / ``gridsearch`` without ``--val-data``.
     """
+    prior = args.prior or ("auto" if args.val_data else "marglik")
+    if prior in ("auto", "gridsearch") and not args.val_data:
+        raise CommandError(f"--prior {prior} needs --val-data FILE.")
     _setup(args)
     task = _task(args, args.adapter)
     table = read_table(args.data, task.text_column, task.label_column, True)
+    vt = None
+    if args.val_data:
+        vt = read_table(args.val_data, task.text_column, task.label_column, True)
     lm, tok = load_base(args.base_model, args.device)
     classes, ids = class_labels(table, task, tok)
     task.classes, task.answers = classes, task.answers or [" " + c for c in classes]
+    if vt is not None:
+        class_labels(vt, task, tok)  # its labels must be known classes
     model = AnswerTokenClassifier(_adapted(lm, args.adapter), ids).eval()
     train = _batches(table, classes, task, tok, args.batch_size)
     t0 = time.perf_counter()
@@ -196,12 +204,7 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
         hessian_structure=args.structure,
     )
     la.fit(train, progress_bar=not args.quiet)
-    prior = args.prior or ("auto" if args.val_data else "marglik")
     if prior in ("auto", "gridsearch"):
-        if not args.val_data:
-            raise CommandError(f"--prior {prior} needs --val-data FILE.")
-        vt = read_table(args.val_data, task.text_column, task.label_column, True)
-        class_labels(vt, task, tok)  # its labels must be known classes
         val = _batches(vt, classes, task, tok, args.batch_size)
         la.optimize_prior_precision(method=prior, val_loader=val)
     else:

@@ -82,9 +82,11 @@ def load_smollm2(
     cache = Path(cache_dir or default_cache_dir()) / "smollm2-135m-instruct"
     if not (cache / "config.json").exists():
         gguf = smollm2_gguf_path()
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tok = AutoTokenizer.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, local_files_only=True
+        )
         model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
         )
         # the weights are dequantised already; drop the GGUF "quantizer" that
         # makes save_pretrained refuse
@@ -94,9 +96,12 @@ def load_smollm2(
         cache.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(cache)
         tok.save_pretrained(cache)
-    tok = AutoTokenizer.from_pretrained(cache)
+    tok = AutoTokenizer.from_pretrained(cache, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(
-        cache, dtype=dtype, attn_implementation=attn_implementation
+        cache,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        local_files_only=True,
     )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -159,6 +159,9 @@ def _bad(capsys, tmp, *args):
         ("not_utf8", "not UTF-8"),
         ("cuda", "CUDA is not available"),
         ("no_adapter", "no adapter_config.json"),
+        ("batch_zero", "--batch-size: must be at least 1, got 0"),
+        ("epochs_word", "--epochs: 'two' is not an integer"),
+        ("auto_without_val", "--prior auto needs --val-data"),
     ],
 )
 def test_bad_input_names_the_fix_and_exits_2(workspace, capsys, case, match):
@@ -178,6 +181,13 @@ def test_bad_input_names_the_fix_and_exits_2(workspace, capsys, case, match):
         "no_adapter": [
             "fit", "--base-model", "base", "--adapter", "train.csv", "--data",
             "train.csv",
+        ],
+        "batch_zero": [*base, "train.csv", "--batch-size", "0"],
+        "epochs_word": [*base, "train.csv", "--epochs", "two"],
+        # refused before any model, adapter or data is read
+        "auto_without_val": [
+            "fit", "--base-model", "nowhere", "--adapter", "nowhere", "--data",
+            "nope.csv", "--prior", "auto",
         ],
     }[case]  # fmt: skip
     if case == "cuda" and torch.cuda.is_available():
