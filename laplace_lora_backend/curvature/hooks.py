@@ -34,13 +34,24 @@ class ActivationRecorder:
     keep_outputs : bool, default=False
         Keep each module's output tensor (in the autograd graph), for
         gradients w.r.t. the outputs, instead of installing tensor hooks.
+    batch_tokens : tuple[int, int | None] or None, default=None
+        `(batch, tokens)` of the batch about to run (`tokens` None if the
+        batch has no token axis). A module whose input rows are the batch's
+        tokens flattened, `(batch * tokens, in)` (OPT's `fc1` / `fc2`,
+        Qwen2-MoE's shared expert), is recorded as `(batch, tokens, in)` and
+        its output gradients as `(batch, tokens, out)`, so that it is treated
+        like any other layer (padding masked, one example per sequence).
+        Inputs whose rows map to neither raise. None: no checks.
 
     Attributes
     ----------
     inputs : list[torch.Tensor | None]
         Input of module `i` in the last forward pass, `(batch, *shared, in)`.
     outputs : list[torch.Tensor | None]
-        Its output, `(batch, *shared, out)`, if `keep_outputs`.
+        Its output as the model computed it, if `keep_outputs`: `(batch,
+        *shared, out)`, or `(batch * tokens, out)` for a flattened-token
+        module (gradients w.r.t. it reshape to `(batch, tokens, out)` in
+        row order).
     on_grad : callable or None
         Called as ``on_grad(i, g)`` with the gradient `g` w.r.t. module `i`'s
         output, `(batch, *shared, out)`, during every backward pass.
@@ -51,10 +62,13 @@ class ActivationRecorder:
         modules: Sequence[nn.Linear],
         names: Sequence[str],
         keep_outputs: bool = False,
+        batch_tokens: tuple[int, int | None] | None = None,
     ):
         self.modules = list(modules)
         self.names = list(names)
         self.keep_outputs = keep_outputs
+        self.batch_tokens = batch_tokens
+        self._flat = [False] * len(self.modules)
         self.inputs: list[torch.Tensor | None] = [None] * len(self.modules)
         self.outputs: list[torch.Tensor | None] = [None] * len(self.modules)
         self.on_grad: GradCallback | None = None
@@ -88,15 +102,69 @@ class ActivationRecorder:
                 "or tied module). Each LoRA weight must be applied once per forward; "
                 "exclude it with `lora_modules`."
             )
-        self.inputs[i] = args[0].detach()
+        self.inputs[i] = self._per_example(i, args[0].detach())
         if self.keep_outputs:  # gradients are taken w.r.t. the outputs directly
             self.outputs[i] = output
         elif output.requires_grad:
             output.register_hook(partial(self._bwd, i))
 
+    def _per_example(self, i: int, a: torch.Tensor) -> torch.Tensor:
+        """`a` with the batch first: flattened token rows unflattened.
+
+        Returns
+        -------
+        torch.Tensor
+            `(batch, *shared, in)`.
+
+        Raises
+        ------
+        ValueError
+            If the rows of `a` are neither the batch's examples nor its
+            tokens, flattened (e.g. a routed expert that sees some tokens).
+        """
+        self._flat[i] = False
+        if self.batch_tokens is None or a.ndim == 0:
+            return a
+        B, T = self.batch_tokens
+        if a.shape[0] == B:
+            return a
+        if a.ndim == 2 and T is not None and a.shape[0] == B * T:
+            self._flat[i] = True
+            return a.view(B, T, a.shape[-1])
+        tokens = "" if T is None else f" of {T} tokens ({B * T} token rows)"
+        raise ValueError(
+            f"LoRA module '{self.names[i]}' received an input of shape "
+            f"{tuple(a.shape)} for a batch of {B} examples{tokens}: its rows "
+            "cannot be mapped back to examples (e.g. a routed mixture-of-experts "
+            "layer that sees a subset of the tokens). Leave it out of the "
+            "posterior with Laplace(..., lora_modules=[...]) or of the adapter's "
+            "target_modules."
+        )
+
+    def example_grad(self, i: int, grad: torch.Tensor) -> torch.Tensor:
+        """A gradient w.r.t. module `i`'s output, batch first.
+
+        Parameters
+        ----------
+        i : int
+        grad : torch.Tensor
+            `(*lead, rows, out)`: the gradient w.r.t. the output the model
+            computed, with any leading axes (e.g. batched VJPs).
+
+        Returns
+        -------
+        torch.Tensor
+            `(*lead, batch, tokens, out)` for a flattened-token module;
+            `grad` otherwise.
+        """
+        if not self._flat[i]:
+            return grad
+        B, T = self.batch_tokens  # type: ignore[misc]
+        return grad.reshape(*grad.shape[:-2], B, T, grad.shape[-1])
+
     def _bwd(self, i: int, grad: torch.Tensor) -> None:
         if self.on_grad is not None:
-            self.on_grad(i, grad.detach())
+            self.on_grad(i, self.example_grad(i, grad.detach()))
 
     def checked_inputs(self) -> list[torch.Tensor]:
         """Inputs of every module, raising if one did not run.

@@ -83,7 +83,7 @@ class LoRAJacobians:
                 "CurvlinopsGGN backend for differentiable predictives."
             )
         with torch.enable_grad(), grad_enabled(self.lora_weights):
-            with self._recorder(keep_outputs=True) as rec:
+            with self._recorder(x, keep_outputs=True) as rec:
                 f = self._forward(x, features=features)
                 inputs = self._checked_inputs(rec, f)
                 outputs = list(rec.outputs)
@@ -191,7 +191,7 @@ class LoRAJacobians:
             Summed loss (without `factor`).
         """
         with torch.enable_grad(), grad_enabled(self.lora_weights):
-            with self._recorder(keep_outputs=True) as rec:
+            with self._recorder(x, keep_outputs=True) as rec:
                 f = self._forward(x)
                 inputs = self._checked_inputs(rec, f)
                 loss = self._loss(f, y)

@@ -109,7 +109,7 @@ class LoRAKFAC:
         approx = parse_kfac_approx(kwargs.get("kfac_approx", self.kfac_approx))
         mask = self._mask(x)
         with torch.enable_grad(), grad_enabled(self.lora_weights):
-            with self._recorder() as rec:
+            with self._recorder(x) as rec:
                 f = self._forward(x)
                 inputs = self._checked_inputs(rec, f)
                 in_factors = self._input_factors(inputs, mask, approx)

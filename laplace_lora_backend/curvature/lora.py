@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -130,12 +130,32 @@ class LoRAInterface(LoRAJacobians, LoRAKFAC, CurvatureInterface):
         self.lowrank.check_lora_rank(max(min(w.param.shape) for w in self.lora_weights))
 
     # ------------------------------------------------------------------ helpers
-    def _recorder(self, keep_outputs: bool = False) -> ActivationRecorder:
+    def _recorder(self, x: Batch, keep_outputs: bool = False) -> ActivationRecorder:
         return ActivationRecorder(
             [w.module for w in self.lora_weights],
             [w.name for w in self.lora_weights],
             keep_outputs=keep_outputs,
+            batch_tokens=self._batch_tokens(x),
         )
+
+    def _batch_tokens(self, x: Batch) -> tuple[int, int | None] | None:
+        """`(batch, tokens)` of a batch, from its mask or inputs.
+
+        `tokens` is None where the inputs have no token axis (feature
+        vectors); the result is None for inputs of an unknown kind.
+
+        Returns
+        -------
+        tuple[int, int or None] or None
+        """
+        ref = x
+        if isinstance(x, MutableMapping):
+            mask = x.get(self.mask_key) if self.mask_key is not None else None
+            ref = mask if mask is not None else x.get(self.dict_key_x)
+        if not isinstance(ref, torch.Tensor) or ref.ndim == 0:
+            return None
+        tokens = ref.ndim == 3 or (ref.ndim == 2 and not ref.is_floating_point())
+        return ref.shape[0], ref.shape[1] if tokens else None
 
     def _forward(self, x: Batch, features: bool = False) -> torch.Tensor:
         f = self.model.forward_features(x) if features else self.model(x)
@@ -279,7 +299,7 @@ class LoRAGGN(LoRAInterface, GGNInterface):
         if not self.stochastic:
             return super().diag(x, y, **kwargs)
         with torch.enable_grad(), grad_enabled(self.lora_weights):
-            with self._recorder(keep_outputs=True) as rec:
+            with self._recorder(x, keep_outputs=True) as rec:
                 f = self._forward(x)
                 inputs = self._checked_inputs(rec, f)
                 loss = self._loss(f, y)
