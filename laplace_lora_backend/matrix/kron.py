@@ -33,7 +33,8 @@ class LoRAKron(Kron):
     Parameters
     ----------
     kfacs : list[list[torch.Tensor | LowRankFactor]]
-        One block per LoRA weight, in parameter order.
+        One block per weight, in parameter order: ``[F_out, F_in]`` for a
+        matrix, ``[F]`` (dense) for a bias vector (laplace-torch's layout).
 
     Raises
     ------
@@ -57,20 +58,21 @@ class LoRAKron(Kron):
     @classmethod
     def init_from_shapes(
         cls,
-        shapes: Iterable[tuple[int, int]],
+        shapes: Iterable[tuple[int, ...]],
         dtype: torch.dtype,
         device: torch.device,
         lowrank: LowRankOptions | None = None,
     ) -> LoRAKron:
-        """Zero factors for weights of the given `(out, in)` shapes.
+        """Zero factors for weights of the given `(out, in)` or `(out,)` shapes.
 
         Sides that `lowrank` compresses get a rank-0 `LowRankFactor`, others a
-        dense zero matrix; `lowrank=None` keeps everything dense.
+        dense zero matrix; `lowrank=None` keeps everything dense. A bias
+        `(out,)` gets one dense factor.
 
         Returns
         -------
         LoRAKron
-            One block ``[F_out, F_in]`` per shape.
+            One block ``[F_out, F_in]`` (or ``[F]``) per shape.
         """
         lowrank = lowrank or LowRankOptions()
 
@@ -81,7 +83,14 @@ class LoRAKron(Kron):
                 )
             return torch.zeros(d, d, dtype=dtype, device=device)
 
-        return cls([[zero(out), zero(inp)] for out, inp in shapes])
+        return cls(
+            [
+                [zero(s[0]), zero(s[1])]
+                if len(s) == 2
+                else [torch.zeros(s[0], s[0], dtype=dtype, device=device)]
+                for s in shapes
+            ]
+        )
 
     def __add__(self, other: Kron) -> LoRAKron:
         """Add factor by factor (low-rank factors are merged and re-truncated).
@@ -176,9 +185,11 @@ class LoRAKron(Kron):
             `(P,)`.
         """
         out = []
-        for F_out, F_in in self.kfacs:
-            d_out, d_in = (_factor_diag(F) for F in (F_out, F_in))
-            out.append(torch.outer(d_out, d_in).flatten())
+        for block in self.kfacs:
+            d = _factor_diag(block[0])
+            for F in block[1:]:
+                d = torch.outer(d, _factor_diag(F)).flatten()
+            out.append(d)
         return torch.cat(out)
 
     def logdet(self) -> torch.Tensor:

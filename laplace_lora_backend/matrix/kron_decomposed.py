@@ -18,7 +18,8 @@ damping), and for any exponent `e`
     \log\det P = \sum_{ij} \log \lambda_{ij} + (d - k) \sum_i \log \mu_i
 
 A wide factor on the left is the same computation on ``W^T``. Blocks with two
-dense factors use laplace-torch's formulas.
+dense factors use laplace-torch's formulas, and so do the one-factor blocks of
+biases (``F + delta I``, laplace-torch's layout for a bias vector).
 """
 
 from __future__ import annotations
@@ -155,6 +156,34 @@ class LoRAKronDecomposed(KronDecomposed):
     def _is_lowrank(block_vals) -> bool:
         return any(isinstance(v, LowRankFactor) for v in block_vals)
 
+    @staticmethod
+    def _block_shape(block_vals) -> tuple[int, int]:
+        """`(n_out, n_in)` of a block; a one-factor (bias) block is `(n, 1)`.
+
+        Returns
+        -------
+        tuple[int, int]
+        """
+        return len(block_vals[0]), len(block_vals[1]) if len(block_vals) == 2 else 1
+
+    def _dense_block(self, vecs, vals, delta):
+        """Eigenvectors and eigenvalue grid of a block of dense factors.
+
+        Returns
+        -------
+        Q1 : torch.Tensor
+            `(n_out, n_out)`.
+        Q2 : torch.Tensor
+            `(n_in, n_in)`; `(1, 1)` ones for a one-factor (bias) block.
+        eig : torch.Tensor
+            `(n_out, n_in)` eigenvalues of the block on ``Q1 (x) Q2``: for a
+            bias ``l + delta`` (laplace-torch: no damping on one factor).
+        """
+        if len(vals) == 1:
+            return vecs[0], vecs[0].new_ones(1, 1), (vals[0] + delta)[:, None]
+        (Q1, Q2), (l1, l2) = vecs, vals
+        return Q1, Q2, self._combine(l1[:, None], l2[None, :], delta)
+
     # ---------------------------------------------------------------- logdet
     def logdet(self) -> torch.Tensor:
         """Log-determinant of the posterior precision (closed form).
@@ -169,11 +198,7 @@ class LoRAKronDecomposed(KronDecomposed):
             self.eigenvectors, self.eigenvalues, self.deltas, strict=True
         ):
             if not self._is_lowrank(vals):
-                l1, l2 = vals
-                total = (
-                    total
-                    + torch.log(self._combine(l1[:, None], l2[None, :], delta)).sum()
-                )
+                total = total + torch.log(self._dense_block(vecs, vals, delta)[2]).sum()
                 continue
             _, U, lam, mu, _ = self._lowrank_parts(vecs, vals, delta)
             total = total + torch.log(lam).sum()
@@ -196,14 +221,12 @@ class LoRAKronDecomposed(KronDecomposed):
         for vecs, vals, delta in zip(
             self.eigenvectors, self.eigenvalues, self.deltas, strict=True
         ):
-            n_out, n_in = len(vals[0]), len(vals[1])
+            n_out, n_in = self._block_shape(vals)
             Wp = W[:, cur : cur + n_out * n_in].reshape(B * K, n_out, n_in)
             cur += n_out * n_in
             if not self._is_lowrank(vals):
-                Q1, Q2 = vecs
-                l1, l2 = vals
-                f = self._combine(l1[:, None], l2[None, :], delta).pow(exponent)
-                res = Q1 @ ((Q1.T @ Wp @ Q2) * f) @ Q2.T
+                Q1, Q2, eig = self._dense_block(vecs, vals, delta)
+                res = Q1 @ ((Q1.T @ Wp @ Q2) * eig.pow(exponent)) @ Q2.T
             else:
                 Q, U, lam, mu, wide_left = self._lowrank_parts(vecs, vals, delta)
                 Wr = Wp.transpose(1, 2) if wide_left else Wp  # (BK, n_small, d)
@@ -240,15 +263,13 @@ class LoRAKronDecomposed(KronDecomposed):
         for vecs, vals, delta in zip(
             self.eigenvectors, self.eigenvalues, self.deltas, strict=True
         ):
-            n_out, n_in = len(vals[0]), len(vals[1])
+            n_out, n_in = self._block_shape(vals)
             Wp = W[:, :, cur : cur + n_out * n_in].reshape(B, K, n_out, n_in)
             cur += n_out * n_in
             if not self._is_lowrank(vals):
-                Q1, Q2 = vecs
-                l1, l2 = vals
-                inv = self._combine(l1[:, None], l2[None, :], delta).reciprocal()
+                Q1, Q2, eig = self._dense_block(vecs, vals, delta)
                 M = Q1.T @ Wp @ Q2
-                out = out + torch.einsum("bkij,blij->bkl", M * inv, M)
+                out = out + torch.einsum("bkij,blij->bkl", M * eig.reciprocal(), M)
                 continue
             Q, U, lam, mu, wide_left = self._lowrank_parts(vecs, vals, delta)
             Wr = Wp.transpose(2, 3) if wide_left else Wp  # (B, K, n_small, d)
@@ -278,10 +299,8 @@ class LoRAKronDecomposed(KronDecomposed):
             self.eigenvectors, self.eigenvalues, self.deltas, strict=True
         ):
             if not self._is_lowrank(vals):
-                Q1, Q2 = vecs
-                l1, l2 = vals
-                f = self._combine(l1[:, None], l2[None, :], delta).pow(exponent)
-                out.append((Q1.square() @ f @ Q2.square().T).flatten())
+                Q1, Q2, eig = self._dense_block(vecs, vals, delta)
+                out.append((Q1.square() @ eig.pow(exponent) @ Q2.square().T).flatten())
                 continue
             Q, U, lam, mu, wide_left = self._lowrank_parts(vecs, vals, delta)
             Q2, U2 = Q.square(), U.square()
@@ -310,9 +329,9 @@ class LoRAKronDecomposed(KronDecomposed):
                     Q, v = v.full_eigenbasis()
                 Qs.append(Q)
                 ls.append(v)
-            f = self._combine(ls[0][:, None], ls[1][None, :], delta).pow(exponent)
-            Qk = kron(Qs[0], Qs[1])
-            blocks.append(Qk @ torch.diag(f.flatten()) @ Qk.T)
+            Q1, Q2, eig = self._dense_block(Qs, ls, delta)
+            Qk = kron(Q1, Q2)
+            blocks.append(Qk @ torch.diag(eig.pow(exponent).flatten()) @ Qk.T)
         return block_diag(blocks)
 
 

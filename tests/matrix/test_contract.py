@@ -47,9 +47,13 @@ def _kron_blocks(g):
     A, B, C, D = _pd(3, g), _pd(4, g), _pd(2, g), _pd(5, g)
     rows = torch.randn(9, 6, generator=g, dtype=DT)
     low = LowRankFactor.from_rows(rows, rank=6, residual="trace", dtype=DT)
-    kron = LoRAKron([[A, B], [C, D], [low, _pd(2, g)]])
+    E = _pd(3, g)  # a bias: one factor, laplace-torch's layout
+    kron = LoRAKron([[A, B], [C, D], [low, _pd(2, g)], [E]])
     ref = torch.block_diag(
-        torch.kron(A, B), torch.kron(C, D), torch.kron(rows.T @ rows, kron.kfacs[2][1])
+        torch.kron(A, B),
+        torch.kron(C, D),
+        torch.kron(rows.T @ rows, kron.kfacs[2][1]),
+        E,
     )
     return kron, ref
 
@@ -102,8 +106,8 @@ def test_logdet_with_a_prior_is_the_oracles(subject):
     if subject.name == "LoRAKron":  # the curvature alone (nonsingular here)
         got, dense = m.logdet(), ref
     else:  # a decomposed posterior: curvature + prior precision per block
-        delta = torch.tensor([0.5, 2.0, 0.1], dtype=DT)
-        sides = [12, 10, 12]
+        delta = torch.tensor([0.5, 2.0, 0.1, 3.0], dtype=DT)
+        sides = [12, 10, 12, 3]
         got = (m + delta).logdet()
         dense = ref + torch.diag(torch.repeat_interleave(delta, torch.tensor(sides)))
     assert torch.allclose(got, torch.linalg.slogdet(dense)[1], rtol=1e-10)

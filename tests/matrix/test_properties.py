@@ -58,7 +58,7 @@ class Case:
     """A `LoRAKron` (blocks ``[F_out, F_in]``) plus what turns it into a
     posterior precision ``H.decompose(damping) * scale + deltas``."""
 
-    blocks: tuple[tuple[FactorSpec, FactorSpec], ...]
+    blocks: tuple[tuple[FactorSpec, ...], ...]  # [F_out, F_in] or [F] (a bias)
     seed: int
     deltas: tuple[float, ...]  # one per block (equal ones if `delta_mode` != block)
     delta_mode: str  # "scalar" | "length1" | "per_block"
@@ -93,7 +93,10 @@ def factor_specs(draw, side: int, lowrank: bool, rows: str):
 
 @st.composite
 def block_specs(draw, rows: str = "any", allow_lowrank: bool = True):
-    """``[F_out, F_in]``: both dense, or one of them low-rank."""
+    """``[F_out, F_in]``: both dense, or one of them low-rank; or ``[F]``
+    (dense, a bias: laplace-torch's one-factor layout)."""
+    if draw(st.integers(0, 4)) == 0:
+        return (draw(factor_specs(draw(st.integers(1, MAX_SIDE)), False, rows)),)
     sides = draw(st.tuples(*[st.integers(1, MAX_SIDE)] * 2))
     wide = draw(st.sampled_from([None, 0, 1] if allow_lowrank else [None]))
     return tuple(draw(factor_specs(d, i == wide, rows)) for i, d in enumerate(sides))
@@ -153,6 +156,11 @@ def build_kron(case: Case) -> tuple[LoRAKron, list[list[torch.Tensor]]]:
     return LoRAKron(kfacs), dense
 
 
+def kron_block(factors: list[torch.Tensor]) -> torch.Tensor:
+    """``A (x) B`` of a two-factor block; ``F`` of a bias block."""
+    return factors[0] if len(factors) == 1 else torch.kron(*factors)
+
+
 def delta_tensor(case: Case) -> torch.Tensor:
     if case.delta_mode == "scalar":
         return torch.tensor(case.deltas[0], dtype=DTYPE)
@@ -165,7 +173,12 @@ def dense_posterior(case: Case, dense: list[list[torch.Tensor]]) -> torch.Tensor
     """Block-diagonal ``scale A (x) B + delta I`` (or, with damping,
     ``(sqrt(scale) A + sqrt(delta) I) (x) (sqrt(scale) B + sqrt(delta) I)``)."""
     blocks = []
-    for (A, B), delta in zip(dense, case.deltas, strict=True):
+    for factors, delta in zip(dense, case.deltas, strict=True):
+        if len(factors) == 1:  # a bias: F + delta I (no damping on one factor)
+            F = factors[0]
+            blocks.append(case.scale * F + delta * torch.eye(len(F), dtype=DTYPE))
+            continue
+        A, B = factors
         Ia, Ib = (torch.eye(len(F), dtype=DTYPE) for F in (A, B))
         if case.damping:
             r, sd = math.sqrt(case.scale), math.sqrt(delta)
@@ -340,10 +353,10 @@ def test_lowrank_full_eigenbasis_and_scaling(
 def test_kron_dense_forms_match_dense_kronecker(case):
     """``LoRAKron.to_matrix`` is ``block_diag(A_b (x) B_b)``; ``diag`` is its
     diagonal; ``bmm(W)`` (exponent 1) is the dense product; ``H * a`` is
-    ``a H``; ``H + H`` (low-rank factors merged) is ``4 H``;
+    ``a H``; ``H + H`` (low-rank factors merged) adds factor by factor;
     ``decompose().to_matrix()`` reproduces ``H``."""
     H, dense = build_kron(case)
-    M = torch.block_diag(*[torch.kron(A, B) for A, B in dense])
+    M = torch.block_diag(*[kron_block(factors) for factors in dense])
     norm = max(torch.linalg.matrix_norm(M, 2).item(), 1e-300)
     tol = SLACK * EPS * norm
     assert fro(H.to_matrix() - M) <= tol
@@ -352,7 +365,9 @@ def test_kron_dense_forms_match_dense_kronecker(case):
     assert fro(H.bmm(W) - W @ M) <= tol * fro(W)
     assert fro((H * case.scale).to_matrix() - case.scale * M) <= case.scale * tol
     assert fro(H.decompose().to_matrix() - M) <= tol
-    assert fro((H + H).to_matrix() - 4 * M) <= 4 * tol
+    # factor-wise sums: 4 A (x) B for a pair, 2 F for a bias
+    M2 = torch.block_diag(*[kron_block([2 * F for F in fs]) for fs in dense])
+    assert fro((H + H).to_matrix() - M2) <= 4 * tol
 
 
 @SETTINGS
@@ -362,7 +377,7 @@ def test_kron_logdet_of_nonsingular_curvature(case):
     ``block_diag(A_b (x) B_b)``. Low-rank factors here are truncated
     (``c > 0``) or keep their full rank (``c`` may be 0)."""
     H, dense = build_kron(case)
-    M = torch.block_diag(*[torch.kron(A, B) for A, B in dense])
+    M = torch.block_diag(*[kron_block(factors) for factors in dense])
     ev = torch.linalg.eigvalsh(M)
     sign, ref = torch.linalg.slogdet(M)
     assert sign.item() == 1.0 and ev.min().item() > 0
@@ -505,12 +520,12 @@ def test_rank_deficient_factors_plus_prior_stay_pd(case):
     assert (ev > 0).all()
     b = p.bound(1)
     start = 0
-    for (fa, fb), delta in zip(case.blocks, case.deltas, strict=True):
-        n = fa.side * fb.side
+    for specs, delta in zip(case.blocks, case.deltas, strict=True):
+        n = math.prod(f.side for f in specs)
         block_ev = torch.linalg.eigvalsh(ours[start : start + n, start : start + n])
         start += n
         assert block_ev.min().item() >= delta - b
-        if not case.damping:  # a singular factor makes A (x) B singular
+        if not case.damping or len(specs) == 1:  # a singular factor: singular block
             assert abs(block_ev.min().item() - delta) <= b
     logdet = p.post.logdet()
     assert torch.isfinite(logdet)
@@ -552,8 +567,10 @@ def test_all_dense_blocks_agree_with_laplace_kron_decomposed(case, e):
     )
     evals = torch.cat(
         [
-            (ours._combine(l1[:, None], l2[None, :], d)).flatten()
-            for (l1, l2), d in zip(ours.eigenvalues, ours.deltas, strict=True)
+            ours._dense_block(vecs, vals, d)[2].flatten()
+            for vecs, vals, d in zip(
+                ours.eigenvectors, ours.eigenvalues, ours.deltas, strict=True
+            )
         ]
     )
     lo, hi = evals.min().item(), evals.max().item()
