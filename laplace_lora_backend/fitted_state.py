@@ -71,7 +71,11 @@ class FittedState:
         if self._fit_signature is not None:
             check_same_weights(
                 self._fit_signature,
-                lambda: signature(find_lora_weights(self.model, self.lora_modules)),
+                lambda: signature(
+                    find_lora_weights(
+                        self.model, self.lora_modules, self.modules_to_save
+                    )
+                ),
             )
         if self._reads_dict_key_x:
             check_batch_keys(x, [self.dict_key_x])

@@ -62,10 +62,12 @@ class LoRAPrior:
             if "align" not in str(err) and "per-layer" not in str(err):
                 raise
             kinds = [w.kind for w in self.lora_weights]
+            heads = len(kinds) - kinds.count("A") - kinds.count("B")
             per_tensor = (
                 f"{self.n_layers} (one per LoRA weight tensor, lora_A and lora_B "
-                f"counted apart: {kinds.count('A')} A + {kinds.count('B')} B, in "
-                "la.lora_weights order)"
+                f"counted apart: {kinds.count('A')} A + {kinds.count('B')} B"
+                + (f" + {heads} head weights and biases" if heads else "")
+                + ", in la.lora_weights order)"
             )
             if self.per_parameter_prior:
                 lengths = f"{per_tensor} or {self.n_params} (one per parameter)"

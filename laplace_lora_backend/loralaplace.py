@@ -25,7 +25,10 @@ from laplace.curvature import CurvatureInterface
 from laplace.utils import Likelihood
 from torch.nn.utils import parameters_to_vector
 
-from laplace_lora_backend.curvature.discovery import find_lora_weights
+from laplace_lora_backend.curvature.discovery import (
+    find_lora_weights,
+    warn_heads_covered,
+)
 from laplace_lora_backend.curvature.lora import LoRAGGN, LoRAInterface, compute_dtype
 from laplace_lora_backend.distributed import (
     active_group,
@@ -78,7 +81,16 @@ class LoRALaplace(
     backend_kwargs, asdl_fisher_kwargs : dict, optional
     lora_modules : str or list[str] or re.Pattern, optional
         Restrict to LoRA layers whose names match (substrings or a regex).
-        ``["lm_head"]`` is last-layer LoRA Laplace (LLLA).
+        ``["lm_head"]`` is last-layer LoRA Laplace (LLLA); on a
+        sequence-classification model ``["classifier"]`` (or ``["score"]``)
+        is last-layer Laplace on its head. A trainable `nn.Linear` outside
+        PEFT joins when named here.
+    modules_to_save : bool or None, default=None
+        Whether the heads PEFT trains in full (``modules_to_save``, e.g. the
+        classifier of ``task_type="SEQ_CLS"``) join the posterior, their
+        `nn.Linear` weights and biases as ordinary Kronecker / diagonal
+        blocks. None: yes, with a one-line warning that names them (pass
+        True to silence it); False leaves them out.
     process_group : torch.distributed.ProcessGroup, optional
         When `torch.distributed` is initialised, `fit` combines the curvature
         of all ranks of this group (default: the world); see
@@ -125,6 +137,7 @@ class LoRALaplace(
         asdl_fisher_kwargs: dict[str, Any] | None = None,
         *,
         lora_modules: LoRAModules = None,
+        modules_to_save: bool | None = None,
         process_group: Any = None,
         center_logits: bool = True,
         **structure_kwargs: Any,
@@ -132,11 +145,15 @@ class LoRALaplace(
         check_likelihood(type(self).__name__, likelihood)
         model = as_logits_model(model, dict_key_y)
         backend = backend or LoRAGGN
+        selection = {"lora_modules": lora_modules, "modules_to_save": modules_to_save}
         backend_kwargs = lora_backend_kwargs(
-            backend, backend_kwargs, lora_modules, self._lora_options()
+            backend, backend_kwargs, {**selection, **self._lora_options()}
         )
-        self.lora_weights = find_lora_weights(model, lora_modules)
+        self.lora_weights = find_lora_weights(model, lora_modules, modules_to_save)
         self.lora_modules = lora_modules
+        self.modules_to_save = modules_to_save
+        if modules_to_save is None and lora_modules is None:
+            warn_heads_covered(self.lora_weights)
         self.process_group = process_group
         self.center_logits = bool(center_logits)
         self.H = None  # laplace-torch's __init__ then leaves _init_H to us

@@ -28,7 +28,8 @@ def lora_prior_groups(
     (``init_lora_weights=True``) and ``1 / r^2`` for ``"gaussian"``. `lora_B`
     (zero at initialisation, all of what fine-tuning learns) gets one prior
     precision tuned by marglik. With a data-dependent initialisation (PiSSA,
-    ...) `lora_A` gets its own tuned precision.
+    ...) `lora_A` gets its own tuned precision. Trainable heads
+    (``modules_to_save``) share one more tuned precision.
 
     Returns
     -------
@@ -45,7 +46,7 @@ def lora_prior_groups(
             precision = 3.0 * w.in_features
         elif w.kind == "A" and str(init).lower() == "gaussian":
             precision = float(w.out_features) ** 2
-        groups.append(0 if w.kind == "B" else 1)
+        groups.append({"B": 0, "A": 1}.get(w.kind, 2))
         fixed.append(precision)
     return torch.tensor(groups), torch.tensor(fixed, dtype=torch.float64)
 

@@ -230,7 +230,9 @@ def _build_posterior(
         If the settings build another class than the saved one.
     """
     wrapped = as_logits_model(model, settings.get("dict_key_y", "labels"))
-    found = find_lora_weights(wrapped, settings.get("lora_modules"))
+    found = find_lora_weights(
+        wrapped, settings.get("lora_modules"), settings.get("modules_to_save")
+    )
     check_lora_weights(
         config["lora_weights"],
         [(w.name, list(w.param.shape)) for w in found],
@@ -315,7 +317,7 @@ class PosteriorIO:
         """
         backend_kwargs = dict(self._backend_kwargs)
         if self._uses_lora_backend:  # set by the constructor from the below
-            for key in ("lora_modules", *self._lora_options()):
+            for key in ("lora_modules", "modules_to_save", *self._lora_options()):
                 backend_kwargs.pop(key, None)
         return {
             "temperature": self.temperature,
@@ -324,6 +326,7 @@ class PosteriorIO:
             "dict_key_y": self.dict_key_y,
             "center_logits": self.center_logits,
             "lora_modules": self.lora_modules,
+            "modules_to_save": self.modules_to_save is not False,  # None: True
             **self._lora_options(),
             "backend": self._backend_cls,
             "backend_kwargs": backend_kwargs,

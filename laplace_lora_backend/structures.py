@@ -54,7 +54,7 @@ class LoRAKronLaplace(LoRALaplace, KronLaplace):
         See `LoRALaplace`.
     damping : bool, default=False
         laplace-torch's `KronLaplace` damping.
-    backend_kwargs, asdl_fisher_kwargs, lora_modules, process_group
+    backend_kwargs, asdl_fisher_kwargs, lora_modules, modules_to_save, process_group
         See `LoRALaplace`.
     center_logits : bool, default=True
         See `LoRALaplace`.
@@ -89,6 +89,7 @@ class LoRAKronLaplace(LoRALaplace, KronLaplace):
         asdl_fisher_kwargs: dict[str, Any] | None = None,
         *,
         lora_modules: LoRAModules = None,
+        modules_to_save: bool | None = None,
         process_group: Any = None,
         center_logits: bool = True,
         lowrank_threshold: int | None = 512,
@@ -116,6 +117,7 @@ class LoRAKronLaplace(LoRALaplace, KronLaplace):
             backend_kwargs=backend_kwargs,
             asdl_fisher_kwargs=asdl_fisher_kwargs,
             lora_modules=lora_modules,
+            modules_to_save=modules_to_save,
             process_group=process_group,
             center_logits=center_logits,
             damping=damping,

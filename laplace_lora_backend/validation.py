@@ -274,16 +274,16 @@ def check_likelihood(name: str, likelihood: Likelihood | str) -> None:
 def lora_backend_kwargs(
     backend: type[CurvatureInterface],
     backend_kwargs: dict[str, Any] | None,
-    lora_modules: LoRAModules,
     options: dict[str, Any],
 ) -> dict[str, Any]:
-    """`backend_kwargs`, with the LoRA weight selection for a LoRA backend.
+    """`backend_kwargs`, with the weight selection for a LoRA backend.
 
     Returns
     -------
     dict[str, Any]
-        A copy; for a `LoRAInterface` backend with `lora_modules` and the
-        structure's `options` (`LoRALaplace._lora_options`) added.
+        A copy; for a `LoRAInterface` backend with the `options` added: the
+        weight selection (`lora_modules`, `modules_to_save`) and the
+        structure's own (`LoRALaplace._lora_options`).
 
     Raises
     ------
@@ -292,14 +292,14 @@ def lora_backend_kwargs(
     """
     backend_kwargs = dict(backend_kwargs or {})
     if isinstance(backend, type) and issubclass(backend, LoRAInterface):
-        given = set(backend_kwargs) & {"lora_modules", *options}
+        given = set(backend_kwargs) & set(options)
         if given:
             raise ValueError(
                 f"Pass {sorted(given)} to Laplace(...) directly, not in "
                 "backend_kwargs: the Laplace object selects the LoRA weights "
                 "and hands them to its backend."
             )
-        backend_kwargs.update(lora_modules=lora_modules, **options)
+        backend_kwargs.update(options)
     return backend_kwargs
 
 

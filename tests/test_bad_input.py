@@ -177,7 +177,10 @@ def test_kron_prior_structure_refused_and_previous_prior_kept():
     _, la = new_la()
     la.fit(make_loader(make_batch(6)))
     la.prior_precision = 2.0
-    with pytest.raises(ValueError, match="either scalar or per-layer"):
+    # laplace-torch's "either scalar or per-layer", with the lengths and the fix
+    with pytest.raises(
+        ValueError, match='per parameter needs hessian_structure="diag"'
+    ):
         la.prior_precision = torch.ones(la.n_params)
     assert la.prior_precision.tolist() == [2.0]
     assert torch.isfinite(la.log_marginal_likelihood())

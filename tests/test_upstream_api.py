@@ -88,3 +88,16 @@ def test_peft_lora_layer_attributes_we_read():
     source = inspect.getsource(LoraLayer)
     for attr in ("lora_A", "lora_B", "active_adapters", "merged", "lora_variant"):
         assert attr in source, f"peft's LoraLayer has no {attr!r} any more"
+
+
+def test_peft_modules_to_save_wrapper_attributes_we_read():
+    """curvature/discovery.py reads these to find the head a forward pass uses
+    (``modules_to_save[active_adapters[0]]`` unless adapters are disabled)."""
+    from peft.utils import ModulesToSaveWrapper
+
+    source = inspect.getsource(ModulesToSaveWrapper)
+    assert "self.modules_to_save[self.active_adapters[0]]" in source, (
+        "peft's ModulesToSaveWrapper no longer runs modules_to_save[active_adapters[0]]"
+    )
+    for attr in ("active_adapters", "disable_adapters"):
+        assert isinstance(getattr(ModulesToSaveWrapper, attr), property), attr

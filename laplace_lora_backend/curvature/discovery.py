@@ -5,11 +5,17 @@ select the `lora_A` / `lora_B` weights of the active adapters of every PEFT
 LoRA layer, whatever their `requires_grad` flag, and order them as
 `model.named_parameters()` does, so that parameter vectors, samples and
 Jacobian columns line up with laplace-torch's.
+
+Heads that PEFT trains in full (``modules_to_save``, e.g. the classifier of a
+``task_type="SEQ_CLS"`` model) join as ordinary linear layers: the weight and
+the bias of each `nn.Linear` of the active adapter's copy. So do trainable
+`nn.Linear` layers outside PEFT that `lora_modules` names.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,17 +28,24 @@ from laplace_lora_backend.errors import (
 )
 
 __all__ = [
+    "HEAD_KINDS",
     "LoRAWeight",
     "find_lora_weights",
+    "head_names",
     "grad_enabled",
     "lora_init",
     "lora_layer_names",
+    "warn_heads_covered",
 ]
+
+
+# kinds of the weights of trainable linear heads (not LoRA factors)
+HEAD_KINDS = ("head", "bias")
 
 
 @dataclass(frozen=True)
 class LoRAWeight:
-    """One LoRA weight matrix and the `nn.Linear` that applies it.
+    """One weight of the posterior and the `nn.Linear` that applies it.
 
     Attributes
     ----------
@@ -40,16 +53,18 @@ class LoRAWeight:
         Parameter name in `model.named_parameters()`, e.g.
         ``"base_model.model.layers.0.self_attn.q_proj.lora_A.default.weight"``.
     layer_name : str
-        Name of the PEFT LoRA layer holding it (``"...q_proj"``).
+        Name of the PEFT LoRA layer holding it (``"...q_proj"``), or of the
+        head's `nn.Linear`.
     adapter : str
-        Adapter name (``"default"``).
+        Adapter name (``"default"``; ``""`` for a head outside PEFT).
     kind : str
         ``"A"`` for `lora_A` (shape `(r, in_features)`), ``"B"`` for `lora_B`
-        (shape `(out_features, r)`).
+        (shape `(out_features, r)`); ``"head"`` for the weight `(out, in)` of
+        a trainable linear head, ``"bias"`` for its bias `(out,)`.
     module : torch.nn.Linear
-        The `lora_A[adapter]` / `lora_B[adapter]` linear module.
+        The `lora_A[adapter]` / `lora_B[adapter]` linear module, or the head.
     param : torch.nn.Parameter
-        Its weight.
+        Its weight (or bias).
     """
 
     name: str
@@ -66,8 +81,13 @@ class LoRAWeight:
 
     @property
     def in_features(self) -> int:
-        """Columns of the weight (side of the input factor)."""
-        return self.param.shape[1]
+        """Columns of the weight (side of the input factor); 1 for a bias."""
+        return self.param.shape[1] if self.param.ndim == 2 else 1
+
+    @property
+    def is_bias(self) -> bool:
+        """Whether this is a head's bias (its layer input is a constant 1)."""
+        return self.kind == "bias"
 
 
 def _is_lora_layer(module: nn.Module) -> bool:
@@ -116,11 +136,86 @@ def _matcher(lora_modules: str | Sequence[str] | re.Pattern | None):
     )
 
 
+def _heads(
+    model: nn.Module, match, modules_to_save: bool, named_only: bool
+) -> dict[int, tuple[str, str, str, nn.Linear]]:
+    """Weights and biases of trainable linear heads, keyed by `id(param)`.
+
+    `modules_to_save` copies of the active adapter (if `modules_to_save`),
+    and trainable `nn.Linear` layers outside LoRA layers and PEFT wrappers
+    (only if `named_only`: `lora_modules` was given), whose names `match`.
+
+    Returns
+    -------
+    dict[int, tuple[str, str, str, nn.Linear]]
+        `(layer_name, adapter, kind, module)` per parameter.
+    """
+    from peft.utils import ModulesToSaveWrapper
+
+    found: dict[int, tuple[str, str, str, nn.Linear]] = {}
+    skip: list[str] = []  # prefixes of LoRA layers and PEFT wrappers
+
+    def add(name: str, adapter: str, module: nn.Linear) -> None:
+        found[id(module.weight)] = (name, adapter, "head", module)
+        if module.bias is not None:
+            found[id(module.bias)] = (name, adapter, "bias", module)
+
+    for name, module in model.named_modules():
+        if any(name.startswith(p) for p in skip):
+            continue
+        if _is_lora_layer(module):
+            skip.append(name + ".")
+        elif isinstance(module, ModulesToSaveWrapper):
+            skip.append(name + ".")
+            active = module.active_adapters
+            if module.disable_adapters or not active or not modules_to_save:
+                continue
+            if active[0] not in module.modules_to_save or not match(name):
+                continue
+            prefix = f"{name}.modules_to_save.{active[0]}"
+            for sub, linear in module.modules_to_save[active[0]].named_modules():
+                if type(linear) is nn.Linear:
+                    add(f"{prefix}.{sub}" if sub else prefix, active[0], linear)
+        elif (
+            named_only
+            and type(module) is nn.Linear
+            and module.weight.requires_grad
+            and match(name)
+        ):
+            add(name, "", module)
+    return found
+
+
+def head_names(weights: Sequence[LoRAWeight]) -> list[str]:
+    """Names of the heads among `weights`, in order, without repeats.
+
+    Returns
+    -------
+    list[str]
+    """
+    return list(dict.fromkeys(w.layer_name for w in weights if w.kind in HEAD_KINDS))
+
+
+def warn_heads_covered(weights: Sequence[LoRAWeight]) -> None:
+    """One line naming the heads that joined the posterior by default."""
+    heads = head_names(weights)
+    if heads:
+        n = sum(w.kind in HEAD_KINDS for w in weights)
+        warnings.warn(
+            f"The posterior covers the LoRA weights and {n} tensors of heads PEFT "
+            f"trains in full (modules_to_save): {heads}. Pass modules_to_save=True "
+            "to silence this, or modules_to_save=False to leave them out.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
 def find_lora_weights(
     model: nn.Module,
     lora_modules: str | Sequence[str] | re.Pattern | None = None,
+    modules_to_save: bool | None = None,
 ) -> list[LoRAWeight]:
-    """Select the LoRA weights of the active adapters of `model`.
+    """Select the LoRA weights of the active adapters of `model`, and its heads.
 
     Parameters
     ----------
@@ -128,9 +223,15 @@ def find_lora_weights(
         Any module containing PEFT LoRA layers (a `PeftModel` or a wrapper
         around one).
     lora_modules : str or list[str] or re.Pattern, optional
-        Restrict to LoRA layers whose name matches: a list of substrings
-        (``["lm_head"]`` gives last-layer LoRA Laplace), or a regular
-        expression searched in the layer name. `None` keeps all.
+        Restrict to layers whose name matches: a list of substrings
+        (``["lm_head"]`` gives last-layer LoRA Laplace, ``["classifier"]``
+        last-layer Laplace on a sequence-classification head), or a regular
+        expression searched in the layer name. `None` keeps all LoRA layers
+        and the ``modules_to_save`` heads. A trainable `nn.Linear` outside
+        PEFT joins when its name matches (not with `None`).
+    modules_to_save : bool or None, default=None
+        Whether PEFT's ``modules_to_save`` heads (trained in full) join the
+        posterior: their `nn.Linear` weights and biases. `None` means True.
 
     Returns
     -------
@@ -163,11 +264,15 @@ def find_lora_weights(
             for kind, holder in (("A", layer.lora_A), ("B", layer.lora_B)):
                 module = holder[adapter]
                 selected[id(module.weight)] = (layer_name, adapter, kind, module)
+    selected.update(
+        _heads(model, match, modules_to_save is not False, lora_modules is not None)
+    )
     if not selected:
         raise LoRALayerNotFoundError(
-            f"`lora_modules={lora_modules!r}` matched no active LoRA layer. "
-            f"LoRA layers in this model: {all_layers}. Pass substrings or a regex "
-            "of these names (e.g. lora_modules=['lm_head'] for last-layer LoRA)."
+            f"`lora_modules={lora_modules!r}` matched no active LoRA layer or "
+            f"trainable linear head. LoRA layers in this model: {all_layers}. Pass "
+            "substrings or a regex of these names (e.g. lora_modules=['lm_head'] "
+            "for last-layer LoRA)."
         )
     weights = []
     for name, param in model.named_parameters():

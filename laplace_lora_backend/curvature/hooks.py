@@ -42,6 +42,9 @@ class ActivationRecorder:
         its output gradients as `(batch, tokens, out)`, so that it is treated
         like any other layer (padding masked, one example per sequence).
         Inputs whose rows map to neither raise. None: no checks.
+    biases : Sequence[bool], optional
+        Entries that stand for a module's bias: their recorded input is a
+        constant 1, `(batch, *shared, 1)` (the bias is a weight on it).
 
     Attributes
     ----------
@@ -63,11 +66,13 @@ class ActivationRecorder:
         names: Sequence[str],
         keep_outputs: bool = False,
         batch_tokens: tuple[int, int | None] | None = None,
+        biases: Sequence[bool] | None = None,
     ):
         self.modules = list(modules)
         self.names = list(names)
         self.keep_outputs = keep_outputs
         self.batch_tokens = batch_tokens
+        self.biases = list(biases) if biases is not None else [False] * len(modules)
         self._flat = [False] * len(self.modules)
         self.inputs: list[torch.Tensor | None] = [None] * len(self.modules)
         self.outputs: list[torch.Tensor | None] = [None] * len(self.modules)
@@ -102,7 +107,8 @@ class ActivationRecorder:
                 "or tied module). Each LoRA weight must be applied once per forward; "
                 "exclude it with `lora_modules`."
             )
-        self.inputs[i] = self._per_example(i, args[0].detach())
+        a = self._per_example(i, args[0].detach())
+        self.inputs[i] = a.new_ones(*a.shape[:-1], 1) if self.biases[i] else a
         if self.keep_outputs:  # gradients are taken w.r.t. the outputs directly
             self.outputs[i] = output
         elif output.requires_grad:

@@ -39,20 +39,24 @@ class LoRAKFAC:
     type's `_output_gradient_passes`.
     """
 
-    def _new_factor(self, dim: int) -> DenseFactor | LowRankAccumulator:
-        """Accumulator for a factor of side `dim` (low-rank if wide).
+    def _new_factor(self, dim: int, lowrank: bool) -> DenseFactor | LowRankAccumulator:
+        """Accumulator for a factor of side `dim`.
 
         Returns
         -------
         DenseFactor or LowRankAccumulator
-            Empty, in `compute_dtype` on the LoRA weights' device.
+            Empty, in `compute_dtype` on the LoRA weights' device; low-rank
+            if `lowrank` (`LowRankOptions.lowrank_sides`).
         """
         dtype, device = self.compute_dtype, self.params[0].device
-        if self.lowrank.is_lowrank(dim):
+        if lowrank:
             return LowRankAccumulator(
                 dim, self.lowrank.rank, self.lowrank.residual, dtype, device
             )
         return DenseFactor(dim, dtype, device)
+
+    def _sides(self, w) -> tuple[bool, ...]:
+        return self.lowrank.lowrank_sides(tuple(w.param.shape))
 
     def init_kron(self) -> LoRAKron:
         """Zero `LoRAKron` with this backend's dense / low-rank layout.
@@ -114,7 +118,8 @@ class LoRAKFAC:
                 inputs = self._checked_inputs(rec, f)
                 in_factors = self._input_factors(inputs, mask, approx)
                 out_factors = [
-                    self._new_factor(w.out_features) for w in self.lora_weights
+                    self._new_factor(w.out_features, self._sides(w)[0])
+                    for w in self.lora_weights
                 ]
                 loss = self._loss(f, y)
                 passes = list(
@@ -134,7 +139,8 @@ class LoRAKFAC:
                     rec.on_grad = on_grad
                     self._backward(scalar, retain_graph=k < len(passes) - 1)
         blocks = [
-            [G.value(), A.value(1.0 / N)]  # input factor: batch mean * M / N
+            # input factor: batch mean * M / N; a bias: the output factor alone
+            [G.value()] if A is None else [G.value(), A.value(1.0 / N)]
             for G, A in zip(out_factors, in_factors, strict=True)
         ]
         kron = LoRAKron(blocks)
@@ -146,23 +152,29 @@ class LoRAKFAC:
         inputs: list[torch.Tensor],
         mask: torch.Tensor | None,
         approx: KFACApprox,
-    ) -> list[DenseFactor | LowRankAccumulator]:
+    ) -> list[DenseFactor | LowRankAccumulator | None]:
         """Input factors, one accumulator per distinct input tensor.
 
         The q, k and v projections of a layer share their input, so their
-        `lora_A` input factors are computed once.
+        `lora_A` input factors are computed once. A bias has none (its input
+        is a constant 1: its block is the output factor alone, as in
+        laplace-torch).
 
         Returns
         -------
-        list[DenseFactor or LowRankAccumulator]
-            One per LoRA weight (shared inputs share the same object).
+        list[DenseFactor or LowRankAccumulator or None]
+            One per weight (shared inputs share the same object).
         """
-        factors: list[DenseFactor | LowRankAccumulator] = []
+        factors: list[DenseFactor | LowRankAccumulator | None] = []
         seen: dict[tuple, DenseFactor | LowRankAccumulator] = {}
         for w, a in zip(self.lora_weights, inputs, strict=True):
-            key = (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype)
+            if w.is_bias:
+                factors.append(None)
+                continue
+            low = self._sides(w)[1]
+            key = (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype, low)
             if key not in seen:
-                acc = self._new_factor(w.in_features)
+                acc = self._new_factor(w.in_features, low)
                 a = a.to(self.compute_dtype)
                 acc.add(*token_rows(a, mask, approx, is_input=True))
                 seen[key] = acc

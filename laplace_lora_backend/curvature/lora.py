@@ -71,6 +71,9 @@ class LoRAInterface(LoRAJacobians, LoRAKFAC, CurvatureInterface):
     dict_key_y : str, default='labels'
     lora_modules : str or list[str] or re.Pattern, optional
         Restrict the LoRA layers (see `find_lora_weights`).
+    modules_to_save : bool or None, default=None
+        Whether PEFT's ``modules_to_save`` heads join (see
+        `find_lora_weights`; None means True).
     kfac_approx : {'expand', 'reduce'}, default='expand'
         Token aggregation for K-FAC (see `laplace_lora_backend.curvature.tokens`).
     mask_key : str or None, default='attention_mask'
@@ -103,6 +106,7 @@ class LoRAInterface(LoRAJacobians, LoRAKFAC, CurvatureInterface):
         dict_key_x: str = "input_ids",
         dict_key_y: str = "labels",
         lora_modules: str | Sequence[str] | re.Pattern | None = None,
+        modules_to_save: bool | None = None,
         kfac_approx: KFACApprox | str = KFACApprox.EXPAND,
         mask_key: str | None = "attention_mask",
         lowrank_threshold: int | None = LowRankOptions.threshold,
@@ -121,13 +125,17 @@ class LoRAInterface(LoRAJacobians, LoRAKFAC, CurvatureInterface):
         self.kfac_approx = parse_kfac_approx(kfac_approx)
         self.mask_key = mask_key
         self.lora_modules = lora_modules
-        self.lora_weights: list[LoRAWeight] = find_lora_weights(model, lora_modules)
+        self.modules_to_save = modules_to_save
+        self.lora_weights: list[LoRAWeight] = find_lora_weights(
+            model, lora_modules, modules_to_save
+        )
         self.params = [w.param for w in self.lora_weights]
         self.params_dict = {w.name: w.param for w in self.lora_weights}
         self._names = [w.name for w in self.lora_weights]
         self.compute_dtype = compute_dtype(self.params[0].dtype)
         self.lowrank = LowRankOptions(lowrank_threshold, lowrank_rank, lowrank_residual)
-        self.lowrank.check_lora_rank(max(min(w.param.shape) for w in self.lora_weights))
+        ranks = [min(w.param.shape) for w in self.lora_weights if w.kind in "AB"]
+        self.lowrank.check_lora_rank(max(ranks, default=0))
 
     # ------------------------------------------------------------------ helpers
     def _recorder(self, x: Batch, keep_outputs: bool = False) -> ActivationRecorder:
@@ -136,6 +144,7 @@ class LoRAInterface(LoRAJacobians, LoRAKFAC, CurvatureInterface):
             [w.name for w in self.lora_weights],
             keep_outputs=keep_outputs,
             batch_tokens=self._batch_tokens(x),
+            biases=[w.is_bias for w in self.lora_weights],
         )
 
     def _batch_tokens(self, x: Batch) -> tuple[int, int | None] | None:
@@ -228,7 +237,8 @@ class LoRAGGN(LoRAInterface, GGNInterface):
     stochastic : bool, default=False
     num_samples : int, default=1
     **lora_options
-        `lora_modules`, `kfac_approx`, `mask_key`, `lowrank_*`: see
+        `lora_modules`, `modules_to_save`, `kfac_approx`, `mask_key`,
+        `lowrank_*`: see
         `LoRAInterface`.
     """
 

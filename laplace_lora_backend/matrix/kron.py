@@ -66,8 +66,8 @@ class LoRAKron(Kron):
         """Zero factors for weights of the given `(out, in)` or `(out,)` shapes.
 
         Sides that `lowrank` compresses get a rank-0 `LowRankFactor`, others a
-        dense zero matrix; `lowrank=None` keeps everything dense. A bias
-        `(out,)` gets one dense factor.
+        dense zero matrix (`LowRankOptions.lowrank_sides`); `lowrank=None`
+        keeps everything dense. A bias `(out,)` gets one dense factor.
 
         Returns
         -------
@@ -76,8 +76,8 @@ class LoRAKron(Kron):
         """
         lowrank = lowrank or LowRankOptions()
 
-        def zero(d: int) -> Factor:
-            if lowrank.is_lowrank(d):
+        def zero(d: int, low: bool) -> Factor:
+            if low:
                 return LowRankFactor.zeros(
                     d, lowrank.rank, lowrank.residual, dtype, device
                 )
@@ -85,10 +85,11 @@ class LoRAKron(Kron):
 
         return cls(
             [
-                [zero(s[0]), zero(s[1])]
-                if len(s) == 2
-                else [torch.zeros(s[0], s[0], dtype=dtype, device=device)]
-                for s in shapes
+                [
+                    zero(d, low)
+                    for d, low in zip(s, lowrank.lowrank_sides(s), strict=True)
+                ]
+                for s in map(tuple, shapes)
             ]
         )
 

@@ -96,6 +96,27 @@ class LowRankOptions:
         """
         return self.threshold is not None and dim >= self.threshold
 
+    def lowrank_sides(self, shape: tuple[int, ...]) -> tuple[bool, ...]:
+        """Which factors of a weight of `shape` are kept low-rank.
+
+        A LoRA factor has one small side (its rank). A head `(out, in)` may
+        be wide on both: then only the wider side (`out` on a tie) is
+        compressed, since a block holds at most one low-rank factor. A bias
+        `(out,)` has one dense factor.
+
+        Returns
+        -------
+        tuple[bool, ...]
+            One flag per factor: `(out, in)` or `(out,)`.
+        """
+        if len(shape) == 1:
+            return (False,)
+        out, inp = shape
+        wide = self.is_lowrank(out), self.is_lowrank(inp)
+        if all(wide):
+            return (out >= inp, inp > out)
+        return wide
+
     def check_lora_rank(self, r_max: int) -> None:
         """Raise if the threshold would compress a LoRA rank-`r_max` side.
 

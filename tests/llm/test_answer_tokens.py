@@ -108,15 +108,20 @@ def test_sequence_classification_model_needs_no_wrapper():
         base, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"])
     )
     batch = make_batch(n=6, pad=False)
-    la = Laplace(
-        model, "classification", subset_of_weights="lora", hessian_structure="kron"
-    )
+    with pytest.warns(UserWarning, match="modules_to_save.*classifier"):
+        la = Laplace(
+            model, "classification", subset_of_weights="lora", hessian_structure="kron"
+        )
     la.fit(make_loader(batch))
     la.optimize_prior_precision(method="marglik", n_steps=10)
     probs = la(batch, link_approx="probit")
     assert probs.shape == (6, 3)
     assert torch.allclose(probs.sum(-1), torch.ones(6, dtype=torch.float64))
-    assert all("lora_" in w.name for w in la.lora_weights)
+    # the LoRA weights and the classifier PEFT trains in full (modules_to_save)
+    lora = [w for w in la.lora_weights if "lora_" in w.name]
+    head = [w for w in la.lora_weights if w.kind in ("head", "bias")]
+    assert len(lora) == 8 and len(head) == 4 and len(la.lora_weights) == 12
+    assert all("classifier.modules_to_save" in w.name for w in head)
 
 
 def test_peft_around_a_plain_module_is_called_as_is():
