@@ -19,18 +19,25 @@ raise instead of leaving the others waiting in a collective. Prior tuning and
 prediction need no communication afterwards: every rank holds the same
 posterior.
 
+A `DistributedSampler` with ``drop_last=False`` repeats examples so that
+every rank gets as many; those repeats are left out of the fit
+(`without_sampler_padding`), so the ranks together fit each example once and
+``n_data`` is the data set size.
+
 Works with any backend of `torch.distributed` (gloo on CPU, nccl on GPU); with
 no process group, or a group of one, nothing changes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.nn.utils import parameters_to_vector
+from torch.utils.data import DistributedSampler
 
 from laplace_lora_backend.errors import DistributedFitError
 from laplace_lora_backend.matrix.lowrank import LowRankFactor
@@ -45,6 +52,7 @@ __all__ = [
     "check_reports",
     "reduce_tensor",
     "reduce_factor",
+    "without_sampler_padding",
 ]
 
 
@@ -252,3 +260,89 @@ def combine_ranks(
     loss = torch.as_tensor(la.loss, dtype=la._dtype, device=la._device)
     la.loss = reduce_tensor(loss, group)
     la.n_data = n_total
+
+
+def _sampler_repeats(loader: Any) -> int:
+    """Examples `loader`'s `DistributedSampler` repeats on this rank.
+
+    Returns
+    -------
+    int
+        0 without such a sampler or with ``drop_last=True``.
+    """
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+        return 0
+    n = len(sampler.dataset)  # type: ignore[arg-type]
+    # the padded index list repeats its head; rank r takes positions r, r+R, ...
+    return sum(
+        1
+        for j in range(sampler.rank, sampler.total_size, sampler.num_replicas)
+        if j >= n
+    )
+
+
+def _head(data: Any, m: int) -> Any:
+    """The first `m` examples of a batch (tensors, dicts, `(x, y)` pairs).
+
+    Returns
+    -------
+    Any
+        The same structure, each tensor cut along its first axis.
+    """
+    if isinstance(data, torch.Tensor):
+        return data[:m]
+    if isinstance(data, MutableMapping):
+        return type(data)({k: _head(v, m) for k, v in data.items()})
+    if isinstance(data, (tuple, list)):
+        return type(data)(_head(v, m) for v in data)
+    return data
+
+
+class _UnpaddedLoader:
+    """`loader` stopping after its first `keep` examples (`.dataset` kept)."""
+
+    def __init__(self, loader: Any, keep: int, dict_key_y: str) -> None:
+        self.loader, self.keep, self.dict_key_y = loader, keep, dict_key_y
+        self.dataset = loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        seen = 0
+        for data in self.loader:
+            y = data[self.dict_key_y] if isinstance(data, MutableMapping) else data[1]
+            left = self.keep - seen
+            if left <= 0:
+                return
+            seen += len(y)
+            yield data if len(y) <= left else _head(data, left)
+
+
+def without_sampler_padding(loader: Iterable, dict_key_y: str = "labels") -> Iterable:
+    """`loader` without the examples its `DistributedSampler` repeats.
+
+    With ``drop_last=False`` a `DistributedSampler` pads the index list with
+    its first indices until it divides evenly among the ranks; the repeats
+    come last in a rank's shard. Fitting them would count those examples
+    twice (and ``n_data`` one too many per repeat).
+
+    Parameters
+    ----------
+    loader : Iterable
+        This rank's training loader.
+    dict_key_y : str, default='labels'
+        Label key of dict batches (counts the examples of a batch).
+
+    Returns
+    -------
+    Iterable
+        `loader` itself when nothing is repeated; else a loader that stops
+        after this rank's distinct examples.
+    """
+    repeats = _sampler_repeats(loader)
+    if not repeats:
+        return loader
+    keep = loader.sampler.num_samples - repeats  # type: ignore[attr-defined]
+    return _UnpaddedLoader(loader, keep, dict_key_y)

@@ -34,6 +34,7 @@ from laplace_lora_backend.distributed import (
     active_group,
     combine_ranks,
     reduce_tensor,
+    without_sampler_padding,
 )
 from laplace_lora_backend.fitted_state import FittedState
 from laplace_lora_backend.hf_models import as_logits_model
@@ -242,6 +243,7 @@ class LoRALaplace(
             the object is not fitted and a new `fit` starts from scratch.
         """
         group = self._fit_group(override)
+        train_loader = without_sampler_padding(train_loader, self.dict_key_y)
         override = override or not self._is_fitted  # the first fit: from the prior
         empty = known_empty(train_loader)
         if empty and group is None:

@@ -31,6 +31,9 @@ N_UNION = 11  # uneven shards: 6 + 5
 CASES = {
     # name: (hessian_structure, kwargs, shards via DistributedSampler?)
     "kron-dense": ("kron", {"lowrank_threshold": None}, True),
+    # drop_last=False: the sampler repeats one example (6 + 6 for 11); the
+    # repeat is left out, so the ranks fit the 11 examples once each
+    "kron-sampler-padded": ("kron", {"lowrank_threshold": None}, "padded"),
     "kron-lowrank-exact": ("kron", {"lowrank_threshold": 16, "lowrank_rank": 32}, 0),
     "kron-lowrank-k4": ("kron", {"lowrank_threshold": 16, "lowrank_rank": 4}, 0),
     "kron-ef": ("kron", {"lowrank_threshold": None, "backend_kwargs": {}}, False),
@@ -107,7 +110,11 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
 
                 data = DictDataset(batch)
                 sampler = DistributedSampler(
-                    data, num_replicas=WORLD, rank=rank, shuffle=False, drop_last=True
+                    data,
+                    num_replicas=WORLD,
+                    rank=rank,
+                    shuffle=False,
+                    drop_last=use_sampler != "padded",
                 )
                 loader = DataLoader(data, batch_size=3, sampler=sampler)
             else:
@@ -192,7 +199,15 @@ def assert_same(got, ref, rtol):
 
 
 @pytest.mark.parametrize(
-    "name", ["kron-dense", "kron-lowrank-exact", "kron-ef", "diag", "full"]
+    "name",
+    [
+        "kron-dense",
+        "kron-sampler-padded",
+        "kron-lowrank-exact",
+        "kron-ef",
+        "diag",
+        "full",
+    ],
 )
 def test_every_rank_holds_the_union_posterior(rank_results, name):
     ref = single_process(name)
