@@ -6,7 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH := torch==2.13.0
-export OMP_NUM_THREADS ?= 1
+# tests: one thread per process unless the caller says otherwise; the demo and
+# the commands take OMP_NUM_THREADS if set, else the cores not busy
+TEST_THREADS := $(or $(OMP_NUM_THREADS),1)
 export HF_HUB_OFFLINE := 1
 
 .PHONY: venv setup-dev setup-demo demo test lint format bench
@@ -36,7 +38,7 @@ demo: setup-demo
 	$(VENV)/bin/laplace-lora demo --output demo-output
 
 test: setup-dev lint
-	$(PY) -m pytest
+	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest
 
 lint:
 	$(VENV)/bin/ruff check laplace_lora_backend tests benchmarks examples

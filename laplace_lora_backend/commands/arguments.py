@@ -69,7 +69,12 @@ def _common(p: argparse.ArgumentParser, adapter: bool = True) -> None:
         "--batch-size", type=positive_int, default=8, help="default: %(default)s"
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda; default: %(default)s")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch threads")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch threads; default: OMP_NUM_THREADS if set, else the cores not busy",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -30,6 +30,7 @@ from laplace_lora_backend.commands.task import (
     encode,
     load_base,
 )
+from laplace_lora_backend.demo.config import free_threads
 from laplace_lora_backend.demo.finetune import predict_logits, train_map
 from laplace_lora_backend.demo.metrics import classification_metrics
 from laplace_lora_backend.demo.report import markdown_table, reliability_plot
@@ -104,8 +105,7 @@ def _write_file(path: str | Path, text: str) -> None:
 
 
 def _setup(args: argparse.Namespace) -> None:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or free_threads())
 
 
 def _posterior(directory: str, model: torch.nn.Module) -> Any:

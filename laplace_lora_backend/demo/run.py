@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from laplace_lora_backend import LoRAEF, LoRAGGN
 from laplace_lora_backend.demo.baselines import fit_temperature, mc_dropout_probs
-from laplace_lora_backend.demo.config import METHODS, DemoConfig
+from laplace_lora_backend.demo.config import METHODS, DemoConfig, free_threads
 from laplace_lora_backend.demo.data import TextDataset, load_dataset
 from laplace_lora_backend.demo.finetune import predict_logits, train_map
 from laplace_lora_backend.demo.metrics import classification_metrics
@@ -168,6 +168,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict[str, Any]:
         What the JSON holds: the config, per-seed metrics, priors and
         timings, mean and std per method, and the seconds taken.
     """
+    cfg = replace(cfg, threads=cfg.threads or free_threads())  # recorded in the JSON
     torch.set_num_threads(cfg.threads)
     data = load_dataset(cfg.dataset)
     out = Path(cfg.output)

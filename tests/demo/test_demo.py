@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -130,3 +131,16 @@ def test_prior_modes_are_the_library_api():
     assert la.prior_precision.tolist() == pytest.approx(a["prior_precision"])
     with pytest.raises(ValueError, match="Unknown prior mode"):
         tune_prior(la, val, "grid")
+
+
+def test_threads_follow_omp_num_threads_else_the_free_cores(monkeypatch):
+    from laplace_lora_backend.demo.config import free_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert free_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0.0, 0.0))
+    cores = len(os.sched_getaffinity(0))
+    assert free_threads() == cores
+    monkeypatch.setattr("os.getloadavg", lambda: (cores + 5.0, 0.0, 0.0))
+    assert free_threads() == 1  # a busy machine: one thread, never zero
