@@ -52,6 +52,11 @@ class HFLogitsModel(nn.Module):
         self.model = model
         self.drop_keys = frozenset(drop_keys)
 
+    @property
+    def display_name(self) -> str:
+        """The wrapped model's class name, for messages."""
+        return type(self.model).__name__
+
     def forward(self, batch: torch.Tensor | MutableMapping[str, Any]) -> torch.Tensor:
         """Logits `(batch, outputs)` (or whatever shape the model returns).
 

@@ -16,10 +16,10 @@ import torch
 from helpers import make_loader
 from laplace import DiagLaplace, KronLaplace, Laplace
 from laplace.curvature import CurvlinopsGGN
-from model_zoo import build
+from model_zoo import FAMILIES, build
 
 import laplace_lora_backend  # noqa: F401
-from laplace_lora_backend import LoRAGGN, load_posterior
+from laplace_lora_backend import LoRAGGN, LoRALayerNotFoundError, load_posterior
 from laplace_lora_backend.hf_models import HFLogitsModel
 
 HEADS = {"roberta": "classifier", "bert": "classifier", "gpt2": "score"}
@@ -183,3 +183,10 @@ def test_heads_survive_save_and_load_and_the_default_prior(tmp_path):
     torch.testing.assert_close(
         loaded.log_marginal_likelihood(), la.log_marginal_likelihood()
     )
+
+
+def test_a_transformers_model_without_lora_is_named_in_the_error():
+    make_config, _, seq_cls, _ = FAMILIES["bert"]
+    base = seq_cls(make_config())  # no PEFT
+    with pytest.raises(LoRALayerNotFoundError, match="^BertForSequenceClassification"):
+        Laplace(base, "classification", subset_of_weights="lora")

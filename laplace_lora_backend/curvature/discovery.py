@@ -250,7 +250,8 @@ def find_lora_weights(
     all_layers = lora_layer_names(model)
     if not all_layers:
         raise LoRALayerNotFoundError(
-            f"{type(model).__name__} contains no PEFT LoRA layer. Wrap the model with "
+            f"{getattr(model, 'display_name', type(model).__name__)} contains no "
+            "PEFT LoRA layer. Wrap the model with "
             "`peft.get_peft_model(model, LoraConfig(target_modules=[...]))` before "
             "building a Laplace approximation with subset_of_weights='lora'."
         )
