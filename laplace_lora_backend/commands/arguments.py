@@ -38,7 +38,9 @@ def _common(p: argparse.ArgumentParser, adapter: bool = True) -> None:
     p.add_argument(
         "--base-model",
         required=True,
-        help="a local transformers model folder, or 'smollm2' (built in, offline)",
+        help="a local transformers model folder (a causal LM, read at answer "
+        "tokens, or a ...ForSequenceClassification, read at its head), or "
+        "'smollm2' (built in, offline)",
     )
     if adapter:
         p.add_argument("--adapter", required=True, help="PEFT adapter folder")
@@ -52,13 +54,14 @@ def _common(p: argparse.ArgumentParser, adapter: bool = True) -> None:
     )
     p.add_argument(
         "--answers",
-        help="comma-separated one-token answer words, one per class (e.g. "
-        "' negative, neutral, positive'); default: ' ' + each class",
+        help="causal LMs: comma-separated one-token answer words, one per class "
+        "(e.g. ' negative, neutral, positive'); default: ' ' + each class",
     )
     p.add_argument(
         "--template",
         help="prompt with a {text} field; the answer token follows it; default: "
-        "'Text: {text}\\nAnswer:' (or the saved task's)",
+        "'Text: {text}\\nAnswer:' ('{text}' for a sequence classifier, or the "
+        "saved task's)",
     )
     p.add_argument(
         "--max-length",
@@ -92,8 +95,9 @@ def add_command_arguments(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--target-modules",
-        default="q_proj,v_proj",
-        help="comma-separated module names; default: %(default)s",
+        default=None,
+        help="comma-separated module names (or all-linear); default: PEFT's for "
+        "the architecture (q_proj,v_proj for Llama)",
     )
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
 

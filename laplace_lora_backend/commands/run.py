@@ -25,16 +25,20 @@ from laplace import Laplace
 from laplace_lora_backend._codec import atomic_write
 from laplace_lora_backend.commands.files import CommandError, Table, read_table
 from laplace_lora_backend.commands.task import (
+    Base,
     TaskOptions,
     class_labels,
     encode,
+    is_seq_cls,
     load_base,
 )
+from laplace_lora_backend.curvature.discovery import head_names
 from laplace_lora_backend.demo.config import free_threads
 from laplace_lora_backend.demo.finetune import predict_logits, train_map
 from laplace_lora_backend.demo.metrics import classification_metrics
 from laplace_lora_backend.demo.report import markdown_table, reliability_plot
 from laplace_lora_backend.demo.splits import BatchList
+from laplace_lora_backend.hf_models import as_logits_model
 from laplace_lora_backend.llm.answer_tokens import AnswerTokenClassifier
 from laplace_lora_backend.serialization import load_posterior
 
@@ -43,6 +47,12 @@ __all__ = ["evaluate", "finetune", "fit", "predict"]
 
 # ------------------------------------------------------------------ helpers
 def _task(args: argparse.Namespace, adapter: str | None) -> TaskOptions:
+    """The task flags given, then those saved beside `adapter`, then defaults.
+
+    Returns
+    -------
+    TaskOptions
+    """
     given = TaskOptions(
         text_column=args.text_column,
         label_column=args.label_column,
@@ -51,12 +61,24 @@ def _task(args: argparse.Namespace, adapter: str | None) -> TaskOptions:
         template=args.template,
         max_length=args.max_length,
     )
-    return given.merged(TaskOptions.saved(adapter))
+    return given.merged(TaskOptions.saved(adapter), is_seq_cls(args.base_model))
 
 
-def _batches(table: Table, classes, task, tokenizer, batch_size: int) -> list:
-    batches = encode(table, classes, task, tokenizer, batch_size)
+def _batches(table: Table, classes, task, base: Base, batch_size: int) -> list:
+    batches = encode(table, classes, task, base.tokenizer, batch_size, base.seq_cls)
     return BatchList(batches) if table.labels is not None else batches
+
+
+def _classifier(base: Base, peft: torch.nn.Module, ids: list[int] | None):
+    """`(batch, C)` logits: the head of a sequence classifier, else answers.
+
+    Returns
+    -------
+    torch.nn.Module
+    """
+    if base.seq_cls:
+        return as_logits_model(peft)
+    return AnswerTokenClassifier(peft, ids)
 
 
 def _adapted(lm: torch.nn.Module, adapter: str) -> torch.nn.Module:
@@ -134,19 +156,23 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     _setup(args)
     task = _task(args, None)
     table = read_table(args.data, task.text_column, task.label_column, True)
-    lm, tok = load_base(args.base_model, args.device)
-    classes, ids = class_labels(table, task, tok)
-    task.classes, task.answers = classes, task.answers or [" " + c for c in classes]
+    base = load_base(args.base_model, args.device)
+    classes, ids = class_labels(table, task, base)
+    task.classes = classes
+    if not base.seq_cls:
+        task.answers = task.answers or [" " + c for c in classes]
     torch.manual_seed(args.seed)
     config = LoraConfig(
         r=args.lora_r,
         lora_alpha=2 * args.lora_r,
         lora_dropout=0.1,
-        target_modules=args.target_modules.split(","),
+        target_modules=args.target_modules.split(",") if args.target_modules else None,
+        # a sequence classifier's head is trained in full (modules_to_save)
+        task_type="SEQ_CLS" if base.seq_cls else None,
     )
-    peft = get_peft_model(lm, config)
-    model = AnswerTokenClassifier(peft, ids)
-    batches = _batches(table, classes, task, tok, args.batch_size)
+    peft = get_peft_model(base.model, config)
+    model = _classifier(base, peft, ids)
+    batches = _batches(table, classes, task, base, args.batch_size)
     t0 = time.perf_counter()
     losses = train_map(
         model, batches, args.epochs * len(batches), args.lr, 0.01, not args.quiet
@@ -189,23 +215,26 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
     vt = None
     if args.val_data:
         vt = read_table(args.val_data, task.text_column, task.label_column, True)
-    lm, tok = load_base(args.base_model, args.device)
-    classes, ids = class_labels(table, task, tok)
-    task.classes, task.answers = classes, task.answers or [" " + c for c in classes]
+    base = load_base(args.base_model, args.device)
+    classes, ids = class_labels(table, task, base)
+    task.classes = classes
+    if not base.seq_cls:
+        task.answers = task.answers or [" " + c for c in classes]
     if vt is not None:
-        class_labels(vt, task, tok)  # its labels must be known classes
-    model = AnswerTokenClassifier(_adapted(lm, args.adapter), ids).eval()
-    train = _batches(table, classes, task, tok, args.batch_size)
+        class_labels(vt, task, base)  # its labels must be known classes
+    model = _classifier(base, _adapted(base.model, args.adapter), ids).eval()
+    train = _batches(table, classes, task, base, args.batch_size)
     t0 = time.perf_counter()
     la = Laplace(
         model,
         "classification",
         subset_of_weights="lora",
         hessian_structure=args.structure,
+        modules_to_save=True,  # a SEQ_CLS head: named in the summary
     )
     la.fit(train, progress_bar=not args.quiet)
     if prior in ("auto", "gridsearch"):
-        val = _batches(vt, classes, task, tok, args.batch_size)
+        val = _batches(vt, classes, task, base, args.batch_size)
         la.optimize_prior_precision(method=prior, val_loader=val)
     else:
         la.optimize_prior_precision()
@@ -219,6 +248,7 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
         "examples": int(la.n_data),
         "lora_tensors": len(la.lora_weights),
         "lora_parameters": int(la.n_params),
+        "heads": head_names(la.lora_weights),
         "curvature_mib": round(nbytes / 2**20, 2),
         "prior": prior,
         "prior_precision": [round(float(p), 6) for p in la.prior_precision[:4]],
@@ -239,11 +269,11 @@ def _loaded(args: argparse.Namespace, require_labels: bool):
     saved = args.posterior if args.posterior else args.adapter  # fit's settings
     task = _task(args, saved if TaskOptions.saved(saved) else args.adapter)
     table = read_table(args.data, task.text_column, task.label_column, require_labels)
-    lm, tok = load_base(args.base_model, args.device)
-    classes, ids = class_labels(table if table.labels else None, task, tok)
-    model = AnswerTokenClassifier(_adapted(lm, args.adapter), ids).eval()
+    base = load_base(args.base_model, args.device)
+    classes, ids = class_labels(table if table.labels else None, task, base)
+    model = _classifier(base, _adapted(base.model, args.adapter), ids).eval()
     la = _posterior(args.posterior or args.adapter, model)
-    batches = _batches(table, classes, task, tok, args.batch_size)
+    batches = _batches(table, classes, task, base, args.batch_size)
     return task, table, classes, batches, model, la
 
 

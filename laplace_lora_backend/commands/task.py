@@ -1,7 +1,10 @@
 """The classification task of a command: base model, answers, prompt, batches.
 
 Causal LMs are read as classifiers over one-token answer words after a prompt
-template (`AnswerTokenClassifier`), as in the demo. The task settings that
+template (`AnswerTokenClassifier`), as in the demo. Sequence-classification
+models (a saved ``...ForSequenceClassification``) read their own head: the
+text goes in as it is (template ``{text}``), with the tokenizer's special
+tokens, and the classes are the head's outputs. The task settings that
 `finetune` used are saved beside the adapter (``laplace_lora_task.json``), so
 `fit`, `predict` and `evaluate` need only the flags that differ.
 """
@@ -19,7 +22,15 @@ from laplace_lora_backend.commands.files import CommandError, Table
 from laplace_lora_backend.demo.smollm2 import load_smollm2
 from laplace_lora_backend.llm.answer_tokens import answer_token_ids
 
-__all__ = ["TASK_FILE", "TaskOptions", "class_labels", "encode", "load_base"]
+__all__ = [
+    "TASK_FILE",
+    "Base",
+    "TaskOptions",
+    "class_labels",
+    "encode",
+    "is_seq_cls",
+    "load_base",
+]
 
 TASK_FILE = "laplace_lora_task.json"
 
@@ -35,8 +46,11 @@ class TaskOptions:
     template: str | None = None
     max_length: int | None = None
 
-    def merged(self, saved: dict[str, Any]) -> TaskOptions:
+    def merged(self, saved: dict[str, Any], seq_cls: bool = False) -> TaskOptions:
         """These options, with unset ones from `saved` and then the defaults.
+
+        The default template is ``"{text}"`` for a sequence classifier
+        (`seq_cls`), a question for a causal LM.
 
         Returns
         -------
@@ -51,7 +65,7 @@ class TaskOptions:
         defaults = {
             "text_column": "text",
             "label_column": "label",
-            "template": "Text: {text}\nAnswer:",
+            "template": "{text}" if seq_cls else "Text: {text}\nAnswer:",
             "max_length": 128,
         }
         out = {}
@@ -83,65 +97,125 @@ class TaskOptions:
         return json.loads(path.read_text()) if path and path.is_file() else {}
 
 
-def load_base(name: str, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
-    """The base causal LM and its tokenizer: ``smollm2`` or a local folder.
+@dataclass
+class Base:
+    """A loaded base model and how the commands read it.
+
+    Attributes
+    ----------
+    model : transformers.PreTrainedModel
+        A causal LM, or a sequence classifier (`seq_cls`).
+    tokenizer : transformers tokenizer
+        With a pad token; left padding for a causal LM.
+    seq_cls : bool
+        A ``...ForSequenceClassification`` model: its head gives the classes.
+    """
+
+    model: torch.nn.Module
+    tokenizer: Any
+    seq_cls: bool
+
+    @property
+    def head_labels(self) -> list[str] | None:
+        """The head's label names (`config.id2label`), unless HF's ``LABEL_i``."""
+        if not self.seq_cls:
+            return None
+        id2label = getattr(self.model.config, "id2label", None) or {}
+        names = [str(id2label[i]) for i in sorted(id2label)]
+        return None if names == [f"LABEL_{i}" for i in range(len(names))] else names
+
+
+def is_seq_cls(name: str) -> bool:
+    """Whether the base model `name` is a saved sequence classifier.
+
+    Read from its ``config.json`` (``architectures``) without loading it.
 
     Returns
     -------
-    model : transformers.PreTrainedModel
-        In eval mode, on `device`.
-    tokenizer : transformers tokenizer
-        Left padding, with a pad token.
+    bool
+        False for ``smollm2``, a causal LM, or a folder without a config.
+    """
+    path = Path(name) / "config.json"
+    if name == "smollm2" or not path.is_file():
+        return False
+    try:
+        architectures = json.loads(path.read_text()).get("architectures") or []
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return any(str(a).endswith("ForSequenceClassification") for a in architectures)
+
+
+def load_base(name: str, device: str = "cpu") -> Base:
+    """The base model and its tokenizer: ``smollm2`` or a local folder.
+
+    A folder whose config names a ``...ForSequenceClassification``
+    architecture is loaded as a sequence classifier, any other as a causal LM.
+
+    Returns
+    -------
+    Base
+        The model in eval mode, on `device`.
 
     Raises
     ------
     CommandError
         A folder that is not a transformers model, or CUDA asked for without it.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CommandError(f"--device {device}: CUDA is not available here.")
     if name == "smollm2":
         model, tok = load_smollm2()
-    else:
-        path = Path(name)
-        if not (path / "config.json").is_file():
-            raise CommandError(
-                f"--base-model {name}: not 'smollm2' nor a folder with a "
-                "transformers config.json (model.save_pretrained(folder))."
-            )
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, attn_implementation="eager"
+        return Base(model.to(device).eval(), tok, False)
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise CommandError(
+            f"--base-model {name}: not 'smollm2' nor a folder with a "
+            "transformers config.json (model.save_pretrained(folder))."
         )
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
+    seq_cls = is_seq_cls(name)
+    auto = AutoModelForSequenceClassification if seq_cls else AutoModelForCausalLM
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = auto.from_pretrained(
+        path, local_files_only=True, attn_implementation="eager"
+    )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if seq_cls and model.config.pad_token_id is None:  # finds the last real token
+        model.config.pad_token_id = tok.pad_token_id
+    if not seq_cls:
         tok.padding_side = "left"
-    return model.to(device).eval(), tok
+    return Base(model.to(device).eval(), tok, seq_cls)
 
 
 def class_labels(
-    table: Table | None, task: TaskOptions, tokenizer: Any
-) -> tuple[list[str], list[int]]:
-    """The class names and the answer token of each class.
+    table: Table | None, task: TaskOptions, base: Base
+) -> tuple[list[str], list[int] | None]:
+    """The class names and, for a causal LM, the answer token of each class.
 
-    Classes: ``task.classes``, else the distinct labels of the file (numbers
-    in numeric order). Answers: ``task.answers``, else each class name after
-    a space; each must be one token.
+    Classes: ``task.classes``, else the head's label names (a sequence
+    classifier), else the distinct labels of the file (numbers in numeric
+    order). Answers: ``task.answers``, else each class name after a space;
+    each must be one token.
 
     Returns
     -------
     classes : list[str]
-    answer_ids : list[int]
+    answer_ids : list[int] or None
+        None for a sequence classifier.
 
     Raises
     ------
     CommandError
-        No classes known, labels outside the classes, or an answer that is
-        not one token.
+        No classes known, labels outside the classes, an answer that is not
+        one token, or a head with another number of outputs.
     """
-    classes = task.classes
+    classes = task.classes or base.head_labels
     if classes is None:
         if table is None or table.labels is None:
             raise CommandError(
@@ -157,13 +231,22 @@ def class_labels(
                 f"{table.path}: labels {unknown[:5]} are not among the classes "
                 f"{classes}."
             )
+    if base.seq_cls:
+        n_out = base.model.config.num_labels
+        if n_out != len(classes):
+            raise CommandError(
+                f"--base-model's classification head has {n_out} outputs but there "
+                f"are {len(classes)} classes {classes}; give --classes in the head's "
+                "order, or a model whose head fits the data."
+            )
+        return list(classes), None
     answers = task.answers or [" " + c for c in classes]
     if len(answers) != len(classes):
         raise CommandError(
             f"--answers has {len(answers)} words for {len(classes)} classes."
         )
     try:
-        ids = answer_token_ids(answers, tokenizer)
+        ids = answer_token_ids(answers, base.tokenizer)
     except ValueError as err:
         raise CommandError(
             f"{err} Give one-token answer words with --answers (e.g. ' yes,' "
@@ -178,11 +261,13 @@ def encode(
     task: TaskOptions,
     tokenizer: Any,
     batch_size: int,
+    special_tokens: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
-    """Left-padded prompt batches (``labels`` only if the file has them).
+    """Padded prompt batches (``labels`` only if the file has them).
 
     The text is truncated to fit `max_length` tokens with the template's
-    other tokens; the template (the question) is never cut.
+    other tokens (and the tokenizer's special tokens, if `special_tokens`:
+    a sequence classifier's); the template (the question) is never cut.
 
     Returns
     -------
@@ -192,7 +277,10 @@ def encode(
     def ids(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False)
 
-    budget = max(8, task.max_length - len(ids(task.template.format(text=""))))
+    reserved = len(ids(task.template.format(text="")))
+    if special_tokens:
+        reserved += tokenizer.num_special_tokens_to_add()
+    budget = max(8, task.max_length - reserved)
     prompts = [
         task.template.format(
             text=tokenizer.decode(ids(t)[:budget], skip_special_tokens=True)
@@ -205,7 +293,7 @@ def encode(
             prompts[i : i + batch_size],
             padding=True,
             return_tensors="pt",
-            add_special_tokens=False,
+            add_special_tokens=special_tokens,
         )
         batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         if table.labels is not None:

@@ -222,3 +222,87 @@ def test_files_with_a_bom_multiline_fields_and_stray_commas(tmp_path):
     bad.write_text("text,label\nHello, world,1\n")
     with pytest.raises(CommandError, match="row 2 has more fields"):
         read_table(bad)
+
+
+@pytest.fixture(scope="module")
+def seq_cls_workspace(workspace):
+    """A tiny Llama sequence classifier (its own head, 3 outputs) on disk."""
+    from transformers import LlamaForSequenceClassification
+
+    tmp, data = workspace
+    lm, tok = tiny_model_and_tokenizer(data, seed=0)
+    config = lm.config
+    config.num_labels, config.pad_token_id = len(CLASSES), tok.pad_token_id
+    config.id2label = dict(enumerate(CLASSES))
+    config.label2id = {c: i for i, c in enumerate(CLASSES)}
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(tmp / "seqbase")
+    tok.save_pretrained(tmp / "seqbase")
+    return tmp
+
+
+def _run(capsys, tmp, *args) -> dict:
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        main([*args, "--quiet"])
+    finally:
+        os.chdir(cwd)
+    out = capsys.readouterr().out
+    return json.loads(out[out.index("{") :])
+
+
+def test_a_sequence_classifier_reads_its_head_and_its_head_joins(
+    seq_cls_workspace, capsys
+):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from laplace_lora_backend.commands.files import read_table
+    from laplace_lora_backend.commands.task import TaskOptions, encode
+    from laplace_lora_backend.hf_models import as_logits_model
+
+    tmp = seq_cls_workspace
+    common = ["--base-model", "seqbase", "--max-length", "32"]
+    tuned = _run(
+        capsys, tmp, "finetune", *common, "--data", "train.csv", "--output",
+        "seqadapter", "--epochs", "1",
+    )  # fmt: skip
+    assert tuned["classes"] == CLASSES  # the head's labels, in its order
+    fit = _run(
+        capsys, tmp, "fit", *common, "--adapter", "seqadapter", "--data", "train.csv"
+    )
+    assert fit["heads"] and all("score" in h for h in fit["heads"])
+    _run(
+        capsys, tmp, "predict", *common, "--adapter", "seqadapter", "--data",
+        "unlabelled.csv", "--output", "seqpred.jsonl",
+    )  # fmt: skip
+    evaluation = _run(
+        capsys, tmp, "evaluate", *common, "--adapter", "seqadapter", "--data",
+        "val.csv", "--output", "seqeval",
+    )  # fmt: skip
+    assert 0.0 <= evaluation["LA"]["acc"] <= 1.0
+    # the predictions are the Python API's on the same posterior
+    tok = AutoTokenizer.from_pretrained(tmp / "seqbase")
+    base = AutoModelForSequenceClassification.from_pretrained(tmp / "seqbase")
+    model = as_logits_model(PeftModel.from_pretrained(base, tmp / "seqadapter"))
+    la = load_posterior(tmp / "seqadapter", model.eval())
+    assert {w.kind for w in la.lora_weights} >= {"A", "B", "head"}
+    task = TaskOptions(max_length=32).merged(
+        TaskOptions.saved(tmp / "seqadapter"), seq_cls=True
+    )
+    assert task.template == "{text}"
+    table = read_table(tmp / "unlabelled.csv")
+    batches = encode(table, CLASSES, task, tok, 8, special_tokens=True)
+    probs = torch.cat([la(b) for b in batches])
+    rows = [json.loads(x) for x in (tmp / "seqpred.jsonl").read_text().splitlines()]
+    got = torch.tensor([[r[f"p_{c}"] for c in CLASSES] for r in rows])
+    assert torch.allclose(got, probs.float(), atol=1e-6)
+
+
+def test_a_head_that_does_not_fit_the_classes_is_refused(seq_cls_workspace, capsys):
+    err = _bad(
+        capsys, seq_cls_workspace, "finetune", "--base-model", "seqbase", "--data",
+        "train.csv", "--output", "x", "--classes", "negative,positive",
+    )  # fmt: skip
+    assert "head has 3 outputs but there are 2 classes" in err
