@@ -45,7 +45,8 @@ def _first_mismatch(
     found_names = {n for n, _ in found}
     same_setup = (
         "Load the adapter the posterior was fitted with (same target_modules and r) "
-        "into the same base model, wrapped the same way, with the same lora_modules"
+        "into the same base model, wrapped the same way, with the same lora_modules "
+        "and modules_to_save"
     )
     for i in range(max(len(expected), len(found))):
         e = expected[i] if i < len(expected) else None

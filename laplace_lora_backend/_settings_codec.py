@@ -103,6 +103,8 @@ def decode_settings(
     """
     settings = dict(config["settings"])
     settings["lora_modules"] = _decode_lora_modules(settings.get("lora_modules"))
+    # saved before heads could join the posterior: the LoRA weights only
+    settings.setdefault("modules_to_save", False)
     if "backend" in settings:
         settings["backend"] = _import_backend(settings["backend"])
     laplace_kwargs = dict(laplace_kwargs)

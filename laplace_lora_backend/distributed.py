@@ -291,9 +291,9 @@ def _head(data: Any, m: int) -> Any:
         The same structure, each tensor cut along its first axis.
     """
     if isinstance(data, torch.Tensor):
-        return data[:m]
+        return data[:m] if data.ndim else data
     if isinstance(data, MutableMapping):
-        return type(data)({k: _head(v, m) for k, v in data.items()})
+        return {k: _head(v, m) for k, v in data.items()}
     if isinstance(data, (tuple, list)):
         return type(data)(_head(v, m) for v in data)
     return data
@@ -312,10 +312,16 @@ class _UnpaddedLoader:
     def __iter__(self) -> Iterator[Any]:
         seen = 0
         for data in self.loader:
-            y = data[self.dict_key_y] if isinstance(data, MutableMapping) else data[1]
+            if isinstance(data, MutableMapping):  # no labels: CheckedLoader says so
+                y = data.get(self.dict_key_y)
+            else:
+                y = data[1] if len(data) == 2 else None
             left = self.keep - seen
             if left <= 0:
                 return
+            if y is None:
+                yield data
+                continue
             seen += len(y)
             yield data if len(y) <= left else _head(data, left)
 

@@ -233,8 +233,11 @@ class PriorTuning:
     ) -> None:
         """Marglik with `prior_structure` (``"lora"``: `marglik_groups`)."""
         if prior_structure == LORA_PRIOR:
+            adapter = next(
+                (w.adapter for w in self.lora_weights if w.kind in ("A", "B")), ""
+            )
             groups, fixed = lora_prior_groups(
-                self.lora_weights, lora_init(self.model, self.lora_weights[0].adapter)
+                self.lora_weights, lora_init(self.model, adapter)
             )
             init = float(torch.as_tensor(init_prior_prec).flatten()[0])
             marglik_groups(self, groups, fixed, n_steps, lr, init)

@@ -326,7 +326,7 @@ class PosteriorIO:
             "dict_key_y": self.dict_key_y,
             "center_logits": self.center_logits,
             "lora_modules": self.lora_modules,
-            "modules_to_save": self.modules_to_save is not False,  # None: True
+            "modules_to_save": self.modules_to_save,
             **self._lora_options(),
             "backend": self._backend_cls,
             "backend_kwargs": backend_kwargs,

@@ -190,3 +190,47 @@ def test_a_transformers_model_without_lora_is_named_in_the_error():
     base = seq_cls(make_config())  # no PEFT
     with pytest.raises(LoRALayerNotFoundError, match="^BertForSequenceClassification"):
         Laplace(base, "classification", subset_of_weights="lora")
+
+
+def test_a_big_head_is_left_out_by_default_and_joins_when_asked(monkeypatch):
+    import laplace_lora_backend.curvature.discovery as discovery
+
+    monkeypatch.setattr(discovery, "DEFAULT_HEAD_MAX_OUT", 2)  # "vocabulary-wide"
+    model, _ = build("bert", "seq_cls", "qv")
+    with pytest.warns(UserWarning, match=r"Left out of the posterior.*classifier"):
+        la = Laplace(model, "classification", subset_of_weights="lora")
+    assert {w.kind for w in la.lora_weights} == {"A", "B"}
+    la = Laplace(
+        model, "classification", subset_of_weights="lora", modules_to_save=True
+    )
+    assert "head" in {w.kind for w in la.lora_weights}
+
+
+def test_a_head_layer_is_chosen_by_its_own_name():
+    model, _ = build("roberta", "seq_cls", "qv")
+    la = Laplace(
+        model, "classification", subset_of_weights="lora", lora_modules=["out_proj"]
+    )
+    names = {w.layer_name for w in la.lora_weights}
+    assert len(names) == 1 and names.pop().endswith("modules_to_save.default.out_proj")
+
+
+def test_a_posterior_saved_before_heads_joined_loads_lora_only(tmp_path):
+    import json
+
+    model, _ = build("bert", "seq_cls", "qv")
+    la = _fit(
+        Laplace(
+            model, "classification", subset_of_weights="lora", modules_to_save=False
+        ),
+        _batch(),
+    )
+    la.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "laplace_posterior.json").read_text())
+    del config["settings"]["modules_to_save"]  # as written by earlier versions
+    (tmp_path / "laplace_posterior.json").write_text(json.dumps(config))
+    loaded = load_posterior(tmp_path, model)
+    assert {w.kind for w in loaded.lora_weights} == {"A", "B"}
+    torch.testing.assert_close(
+        loaded.log_marginal_likelihood(), la.log_marginal_likelihood()
+    )

@@ -150,6 +150,11 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     -------
     dict[str, Any]
         The summary printed.
+
+    Raises
+    ------
+    CommandError
+        LoRA cannot be added (target modules not found).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -170,7 +175,14 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
         # a sequence classifier's head is trained in full (modules_to_save)
         task_type="SEQ_CLS" if base.seq_cls else None,
     )
-    peft = get_peft_model(base.model, config)
+    try:
+        peft = get_peft_model(base.model, config)
+    except ValueError as err:  # e.g. target modules PEFT cannot find or guess
+        first = str(err).strip().splitlines()[0][:300]
+        raise CommandError(
+            f"LoRA cannot be added to --base-model {args.base_model}: {first} Name "
+            "the layers with --target-modules (e.g. q_proj,v_proj)."
+        ) from None
     model = _classifier(base, peft, ids)
     batches = _batches(table, classes, task, base, args.batch_size)
     t0 = time.perf_counter()
@@ -246,7 +258,7 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
         "posterior": str(output),
         "structure": args.structure,
         "examples": int(la.n_data),
-        "lora_tensors": len(la.lora_weights),
+        "weight_tensors": len(la.lora_weights),  # LoRA factors and heads
         "lora_parameters": int(la.n_params),
         "heads": head_names(la.lora_weights),
         "curvature_mib": round(nbytes / 2**20, 2),

@@ -136,14 +136,23 @@ def _matcher(lora_modules: str | Sequence[str] | re.Pattern | None):
     )
 
 
+# modules_to_save heads join by default only up to this size (a vocabulary-wide
+# lm_head saved for added tokens does not: its factors would not fit)
+DEFAULT_HEAD_MAX_OUT = 4096
+DEFAULT_HEAD_MAX_PARAMS = 2**24
+
+
 def _heads(
-    model: nn.Module, match, modules_to_save: bool, named_only: bool
+    model: nn.Module, match, modules_to_save: bool | None, named_only: bool
 ) -> dict[int, tuple[str, str, str, nn.Linear]]:
     """Weights and biases of trainable linear heads, keyed by `id(param)`.
 
-    `modules_to_save` copies of the active adapter (if `modules_to_save`),
+    `modules_to_save` copies of the active adapter (unless `modules_to_save`
+    is False; with None only those up to `DEFAULT_HEAD_MAX_OUT` outputs and
+    `DEFAULT_HEAD_MAX_PARAMS` weights, with a warning naming the others),
     and trainable `nn.Linear` layers outside LoRA layers and PEFT wrappers
-    (only if `named_only`: `lora_modules` was given), whose names `match`.
+    (only if `named_only`: `lora_modules` was given). A head's linear joins
+    if its wrapper's name or its own full name matches.
 
     Returns
     -------
@@ -154,6 +163,7 @@ def _heads(
 
     found: dict[int, tuple[str, str, str, nn.Linear]] = {}
     skip: list[str] = []  # prefixes of LoRA layers and PEFT wrappers
+    too_big: list[str] = []
 
     def add(name: str, adapter: str, module: nn.Linear) -> None:
         found[id(module.weight)] = (name, adapter, "head", module)
@@ -168,14 +178,23 @@ def _heads(
         elif isinstance(module, ModulesToSaveWrapper):
             skip.append(name + ".")
             active = module.active_adapters
-            if module.disable_adapters or not active or not modules_to_save:
+            if module.disable_adapters or not active or modules_to_save is False:
                 continue
-            if active[0] not in module.modules_to_save or not match(name):
+            if active[0] not in module.modules_to_save:
                 continue
             prefix = f"{name}.modules_to_save.{active[0]}"
             for sub, linear in module.modules_to_save[active[0]].named_modules():
-                if type(linear) is nn.Linear:
-                    add(f"{prefix}.{sub}" if sub else prefix, active[0], linear)
+                full = f"{prefix}.{sub}" if sub else prefix
+                if type(linear) is not nn.Linear or not (match(name) or match(full)):
+                    continue
+                big = (
+                    linear.out_features > DEFAULT_HEAD_MAX_OUT
+                    or linear.weight.numel() > DEFAULT_HEAD_MAX_PARAMS
+                )
+                if modules_to_save is None and big:
+                    too_big.append(f"{full} {tuple(linear.weight.shape)}")
+                    continue
+                add(full, active[0], linear)
         elif (
             named_only
             and type(module) is nn.Linear
@@ -183,6 +202,15 @@ def _heads(
             and match(name)
         ):
             add(name, "", module)
+    if too_big:
+        warnings.warn(
+            f"Left out of the posterior: modules_to_save heads {too_big} (more than "
+            f"{DEFAULT_HEAD_MAX_OUT} outputs or {DEFAULT_HEAD_MAX_PARAMS} weights; "
+            "PEFT trains them in full). Pass modules_to_save=True to include them "
+            "anyway (large factors), or False to silence this.",
+            UserWarning,
+            stacklevel=4,
+        )
     return found
 
 
@@ -231,7 +259,9 @@ def find_lora_weights(
         PEFT joins when its name matches (not with `None`).
     modules_to_save : bool or None, default=None
         Whether PEFT's ``modules_to_save`` heads (trained in full) join the
-        posterior: their `nn.Linear` weights and biases. `None` means True.
+        posterior: their `nn.Linear` weights and biases. `None`: those up to
+        `DEFAULT_HEAD_MAX_OUT` outputs and `DEFAULT_HEAD_MAX_PARAMS` weights
+        (a warning names the others).
 
     Returns
     -------
@@ -265,9 +295,7 @@ def find_lora_weights(
             for kind, holder in (("A", layer.lora_A), ("B", layer.lora_B)):
                 module = holder[adapter]
                 selected[id(module.weight)] = (layer_name, adapter, kind, module)
-    selected.update(
-        _heads(model, match, modules_to_save is not False, lora_modules is not None)
-    )
+    selected.update(_heads(model, match, modules_to_save, lora_modules is not None))
     if not selected:
         raise LoRALayerNotFoundError(
             f"`lora_modules={lora_modules!r}` matched no active LoRA layer or "

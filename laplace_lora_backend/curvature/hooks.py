@@ -1,7 +1,9 @@
 """Capture the inputs and output gradients of LoRA linear modules.
 
 A LoRA layer computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling``. For
-each `lora_A` / `lora_B` `nn.Linear` the recorder keeps the layer input `a`
+each `lora_A` / `lora_B` `nn.Linear` (and each linear head in the posterior;
+a head's bias is an entry whose input is a constant 1) the recorder keeps the
+layer input `a`
 (detached) of the last forward pass and hands every gradient `g` that flows
 back into the layer output to a callback. From `a` and `g` the backend builds
 Kronecker factors, per-example gradients and Jacobians: one forward pass, then

@@ -64,7 +64,7 @@ class LoRAKFAC:
         Returns
         -------
         LoRAKron
-            One zero block ``[F_out, F_in]`` per LoRA weight.
+            One zero block ``[F_out, F_in]`` per weight (``[F]`` for a bias).
         """
         return LoRAKron.init_from_shapes(
             [tuple(w.param.shape) for w in self.lora_weights],
@@ -107,7 +107,8 @@ class LoRAKFAC:
         loss : torch.Tensor
             `factor * summed loss`.
         kron : LoRAKron
-            One block ``[F_out, F_in]`` per LoRA weight (a `laplace.utils.Kron`;
+            One block ``[F_out, F_in]`` per weight, ``[F_out]`` for a head's
+            bias (a `laplace.utils.Kron`;
             wide factors are `LowRankFactor` if `lowrank_threshold` is set).
         """
         approx = parse_kfac_approx(kwargs.get("kfac_approx", self.kfac_approx))

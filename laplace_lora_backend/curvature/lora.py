@@ -160,7 +160,10 @@ class LoRAInterface(LoRAJacobians, LoRAKFAC, CurvatureInterface):
         ref = x
         if isinstance(x, MutableMapping):
             mask = x.get(self.mask_key) if self.mask_key is not None else None
-            ref = mask if mask is not None else x.get(self.dict_key_x)
+            if mask is not None:  # (batch, tokens), whatever its dtype
+                mask = torch.as_tensor(mask)
+                return (mask.shape[0], mask.shape[1]) if mask.ndim == 2 else None
+            ref = x.get(self.dict_key_x)
         if not isinstance(ref, torch.Tensor) or ref.ndim == 0:
             return None
         tokens = ref.ndim == 3 or (ref.ndim == 2 and not ref.is_floating_point())
@@ -189,8 +192,23 @@ class LoRAInterface(LoRAJacobians, LoRAKFAC, CurvatureInterface):
         -------
         list[torch.Tensor]
             One input tensor per LoRA weight.
+
+        Raises
+        ------
+        ValueError
+            An input whose rows are not the batch's examples (flattened
+            tokens without a mask to map them back).
         """
         inputs = rec.checked_inputs()
+        for name, a in zip(self._names, inputs, strict=True):
+            if a.ndim == 0 or a.shape[0] != f.shape[0]:
+                raise ValueError(
+                    f"LoRA module '{name}' received an input of shape "
+                    f"{tuple(a.shape)} for a batch of {f.shape[0]} examples: its rows "
+                    "cannot be mapped back to examples. Pass the batch's "
+                    f"'{self.mask_key}' (batch, tokens) so that flattened token rows "
+                    "can be, or leave the layer out with lora_modules=[...]."
+                )
         check_finite(inputs, self._names, "inputs")
         if not bool(torch.isfinite(f).all()):
             check_finite([f], ["model outputs"], "values")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from laplace_lora_backend.demo.data import DATASETS
@@ -27,9 +28,10 @@ def free_threads() -> int:
     """Torch threads to use when none are asked for.
 
     ``OMP_NUM_THREADS`` if set; else the cores this process may run on that
-    are not busy (minus the 1-minute load average, at least 1). Two jobs that
-    each take every core oversubscribe them: on 2 cores, a fine-tuning step
-    went from 1.8 s to 36 s with another job running.
+    are not busy: minus the other runnable threads now (``/proc/loadavg``;
+    elsewhere the 1-minute load average), at least 1. Two jobs that each take
+    every core oversubscribe them: on 2 cores, a fine-tuning step went from
+    1.8 s to 36 s with another job running.
 
     Returns
     -------
@@ -41,8 +43,21 @@ def free_threads() -> int:
         return int(omp)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
     cores = cores or os.cpu_count() or 1
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, cores - round(busy))
+    return max(1, cores - round(_busy_threads()))
+
+
+def _busy_threads() -> float:
+    """Runnable threads of other processes now (Linux), else the load average.
+
+    Returns
+    -------
+    float
+    """
+    try:
+        running = Path("/proc/loadavg").read_text().split()[3].split("/")[0]
+        return max(0, int(running) - 1)  # minus this process's own thread
+    except (OSError, IndexError, ValueError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
 
 
 def _opt(default: Any, help: str, **kwargs: Any) -> Any:

@@ -106,6 +106,17 @@ def test_flattened_token_layers_equal_the_unpadded_per_example_fit(arch, structu
         torch.testing.assert_close(results[data][1], probs, rtol=1e-6, atol=1e-9)
 
 
+def test_a_float_attention_mask_maps_flattened_rows_too():
+    model = _model("opt")
+    batch = _padded("left")
+    fits = []
+    for mask in (batch["attention_mask"], batch["attention_mask"].float()):
+        la = Laplace(model, "classification", subset_of_weights="lora")
+        la.fit([{**batch, "attention_mask": mask}], progress_bar=False)
+        fits.append(la.log_marginal_likelihood().detach())
+    torch.testing.assert_close(fits[0], fits[1], rtol=1e-12, atol=0)
+
+
 class _RealTokensOnly(nn.Module):
     """A layer applied to the real tokens only (packed), like a routed expert."""
 
