@@ -41,12 +41,12 @@ test: setup-dev lint
 	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest
 
 lint:
-	$(VENV)/bin/ruff check laplace_lora_backend tests benchmarks examples
-	$(VENV)/bin/ruff format --check laplace_lora_backend tests benchmarks examples
+	$(VENV)/bin/ruff check laplace_lora_backend laplace_lora_cli.py tests benchmarks examples
+	$(VENV)/bin/ruff format --check laplace_lora_backend laplace_lora_cli.py tests benchmarks examples
 
 format:
-	$(VENV)/bin/ruff format laplace_lora_backend tests benchmarks examples
-	$(VENV)/bin/ruff check --fix laplace_lora_backend tests benchmarks examples
+	$(VENV)/bin/ruff format laplace_lora_backend laplace_lora_cli.py tests benchmarks examples
+	$(VENV)/bin/ruff check --fix laplace_lora_backend laplace_lora_cli.py tests benchmarks examples
 
 # The benchmark suite (about 2 h on 2 CPU cores) and the README block made from it.
 bench: setup-dev

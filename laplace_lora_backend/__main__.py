@@ -1,5 +1,5 @@
 """``python -m laplace_lora_backend`` runs the ``laplace-lora`` command line."""
 
-from laplace_lora_backend.cli import main
+from laplace_lora_cli import main
 
 main()

@@ -1,16 +1,9 @@
-"""`laplace-lora` command line (also ``python -m laplace_lora_backend``).
+"""The ``laplace-lora`` commands (entry point: the top-level `laplace_lora_cli`).
 
-``laplace-lora demo``: fine-tune LoRA on SmolLM2-135M-Instruct and a real data
-set, fit Laplace-LoRA and its baselines, and write the calibration table,
-JSON and reliability diagram (see `laplace_lora_backend.demo`).
-
-``laplace-lora bench``: our backends against laplace-torch's on the same LoRA
-weights, in one process run (`benchmarks/suite/`, from a clone).
-
-``laplace-lora calibrate``: the calibration battery (`benchmarks/calibration.py`).
-
-``laplace-lora finetune | fit | predict | evaluate``: your own adapter and
-data file (see `laplace_lora_backend.commands`).
+Adds each command's options to the parser of `laplace_lora_cli.top_parser`
+and runs the command: ``demo`` (`laplace_lora_backend.demo`), ``bench`` and
+``calibrate`` (`benchmarks/`, from a clone), ``finetune | fit | predict |
+evaluate`` (`laplace_lora_backend.commands`).
 """
 
 from __future__ import annotations
@@ -20,10 +13,10 @@ import json
 import sys
 from pathlib import Path
 
-from laplace_lora_backend._version import __version__
 from laplace_lora_backend.commands.arguments import add_command_arguments
 from laplace_lora_backend.demo.config import add_arguments as add_demo_arguments
 from laplace_lora_backend.demo.config import from_arguments as demo_from_arguments
+from laplace_lora_cli import top_parser
 
 
 def _bench_args(parser: argparse.ArgumentParser) -> None:
@@ -199,23 +192,11 @@ def _run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``laplace-lora`` console script."""
-    parser = argparse.ArgumentParser(
-        prog="laplace-lora",
-        description=__doc__.replace("``", "'").replace("`", ""),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--version", action="version", version=f"%(prog)s {__version__}"
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_demo_arguments(
-        sub.add_parser("demo", help="MAP vs Laplace-LoRA calibration demo")
-    )
-    _bench_args(sub.add_parser("bench", help="benchmarks vs laplace-torch's backends"))
-    _calibrate_args(
-        sub.add_parser("calibrate", help="calibration battery: MAP vs LA, 8 cases")
-    )
-    add_command_arguments(sub)
+    parser, commands = top_parser()
+    add_demo_arguments(commands["demo"])
+    _bench_args(commands["bench"])
+    _calibrate_args(commands["calibrate"])
+    add_command_arguments(commands)
     args = parser.parse_args(argv)
     if args.command in COMMANDS:
         _run_command(parser, args)

@@ -81,9 +81,15 @@ def _common(p: argparse.ArgumentParser, adapter: bool = True) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def add_command_arguments(sub: argparse._SubParsersAction) -> None:
-    """Add the four commands to the ``laplace-lora`` sub-parsers."""
-    p = sub.add_parser("finetune", help="MAP-fine-tune a LoRA adapter on a file")
+def add_command_arguments(commands: dict[str, argparse.ArgumentParser]) -> None:
+    """Add the options of the four commands to their sub-parsers.
+
+    Parameters
+    ----------
+    commands : dict[str, argparse.ArgumentParser]
+        The ``laplace-lora`` sub-parsers by name (`laplace_lora_cli.top_parser`).
+    """
+    p = commands["finetune"]
     _common(p, adapter=False)
     p.add_argument("--output", required=True, help="adapter folder to write")
     p.add_argument(
@@ -101,7 +107,7 @@ def add_command_arguments(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
 
-    p = sub.add_parser("fit", help="fit the Laplace posterior of an adapter")
+    p = commands["fit"]
     _common(p)
     p.add_argument("--val-data", help="labelled validation file (prior 'auto')")
     p.add_argument(
@@ -115,11 +121,8 @@ def add_command_arguments(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output", help="posterior folder; default: the adapter's")
 
-    for name, text in (
-        ("predict", "class probabilities and uncertainty per row"),
-        ("evaluate", "MAP vs LA on a labelled file: table and reliability PNG"),
-    ):
-        p = sub.add_parser(name, help=text)
+    for name in ("predict", "evaluate"):
+        p = commands[name]
         _common(p)
         p.add_argument("--posterior", help="posterior folder; default: the adapter's")
         if name == "predict":
