@@ -69,6 +69,24 @@ def _batches(table: Table, classes, task, base: Base, batch_size: int) -> list:
     return BatchList(batches) if table.labels is not None else batches
 
 
+def _fix_classes(table: Table, task: TaskOptions, base: Base):
+    """The classes (and answer tokens) of a labelled file, recorded in `task`.
+
+    `task` then holds the classes and, for a causal LM, the answer words, so
+    that the saved task reads the same way later.
+
+    Returns
+    -------
+    classes : list[str]
+    answer_ids : list[int] or None
+    """
+    classes, ids = class_labels(table, task, base)
+    task.classes = classes
+    if not base.seq_cls:
+        task.answers = task.answers or [" " + c for c in classes]
+    return classes, ids
+
+
 def _classifier(base: Base, peft: torch.nn.Module, ids: list[int] | None):
     """`(batch, C)` logits: the head of a sequence classifier, else answers.
 
@@ -162,10 +180,7 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     task = _task(args, None)
     table = read_table(args.data, task.text_column, task.label_column, True)
     base = load_base(args.base_model, args.device)
-    classes, ids = class_labels(table, task, base)
-    task.classes = classes
-    if not base.seq_cls:
-        task.answers = task.answers or [" " + c for c in classes]
+    classes, ids = _fix_classes(table, task, base)
     torch.manual_seed(args.seed)
     config = LoraConfig(
         r=args.lora_r,
@@ -228,10 +243,7 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
     if args.val_data:
         vt = read_table(args.val_data, task.text_column, task.label_column, True)
     base = load_base(args.base_model, args.device)
-    classes, ids = class_labels(table, task, base)
-    task.classes = classes
-    if not base.seq_cls:
-        task.answers = task.answers or [" " + c for c in classes]
+    classes, ids = _fix_classes(table, task, base)
     if vt is not None:
         class_labels(vt, task, base)  # its labels must be known classes
     model = _classifier(base, _adapted(base.model, args.adapter), ids).eval()

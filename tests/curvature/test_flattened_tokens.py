@@ -12,70 +12,23 @@ from __future__ import annotations
 import pytest
 import torch
 from laplace import Laplace
+from model_zoo import VOCAB, build, padded_batch, sequences, single_batches
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import OPTConfig, OPTForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 import laplace_lora_backend  # noqa: F401
-from laplace_lora_backend.llm import AnswerTokenClassifier
-
-VOCAB, LENGTHS, T = 40, (3, 5, 4, 6), 6
 
 
 def _model(arch: str) -> nn.Module:
-    torch.manual_seed(0)
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        attn_implementation="eager",
-    )
-    if arch == "opt":
-        lm = OPTForCausalLM(
-            OPTConfig(**common, ffn_dim=48, word_embed_proj_dim=32, dropout=0.0)
-        )
-    else:
-        lm = Qwen2MoeForCausalLM(
-            Qwen2MoeConfig(
-                **common,
-                intermediate_size=48,
-                moe_intermediate_size=16,
-                shared_expert_intermediate_size=24,
-                num_experts=4,
-                num_experts_per_tok=2,
-                num_key_value_heads=2,
-                experts_implementation="eager",  # grouped_mm has no float64
-            )
-        )
-    config = LoraConfig(
-        r=2, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False
-    )
-    return AnswerTokenClassifier(get_peft_model(lm, config), [3, 4, 5]).double()
-
-
-def _examples() -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return [torch.randint(6, VOCAB, (n,), generator=g) for n in LENGTHS]
+    return build(arch, "causal", "all-linear")[0]
 
 
 def _padded(side: str) -> dict[str, torch.Tensor]:
-    seqs = _examples()
-    ids = torch.zeros(len(seqs), T, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        where = slice(T - len(s), T) if side == "left" else slice(0, len(s))
-        ids[i, where], mask[i, where] = s, 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.arange(4) % 3}
+    return padded_batch(sequences(), side)
 
 
 def _single() -> list[dict[str, torch.Tensor]]:
-    return [
-        {"input_ids": s[None], "attention_mask": torch.ones(1, len(s)).long(),
-         "labels": torch.tensor([i % 3])}
-        for i, s in enumerate(_examples())
-    ]  # fmt: skip
+    return single_batches(sequences())
 
 
 @pytest.mark.parametrize("structure", ["kron", "diag"])
