@@ -47,8 +47,14 @@ def measure() -> dict:
     except ImportError:
         from laplace_lora_backend.bench.workloads import smollm2
 
+    class Loader(list):  # laplace-torch reads len(loader.dataset)
+        def __init__(self, batches):
+            super().__init__(batches)
+            self.dataset = range(sum(len(b["labels"]) for b in batches))
+
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     w = smollm2()
+    w.train = Loader(w.train)
     out = {"package": str(Path(laplace_lora_backend.__file__).parent)}
 
     def timed(fn):
@@ -75,6 +81,7 @@ def measure() -> dict:
             hessian_structure="kron",
             backend=backend,
             backend_kwargs=kwargs,
+            lowrank_threshold=None,  # dense factors, as the suite's figures
         )
         torch.manual_seed(0)
         out[f"fit {name}"], _ = timed(lambda la=la: la.fit(w.train))
@@ -101,8 +108,9 @@ def run_revision(root: Path, threads: int) -> dict:
         cwd=root,
         capture_output=True,
         text=True,
-        check=True,
     )
+    if proc.returncode != 0:
+        raise RuntimeError(f"measure() failed under {root}:\n{proc.stderr[-3000:]}")
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")][-1]
     return json.loads(line[len("RESULT") :])
 
