@@ -179,25 +179,37 @@ def main() -> None:
                 subprocess.run(
                     ["git", "worktree", "remove", "--force", str(path)], cwd=ROOT
                 )
+    command = "python benchmarks/compare_revisions.py " + " ".join(sys.argv[1:])
+    print(write_result(runs, command, args.threads, Path(args.output)))
+
+
+def write_result(runs: dict[str, list[dict]], command: str, threads: int, out: Path):
+    """Medians of the repeats, written as ``compare_revisions.{json,md}``.
+
+    Returns
+    -------
+    str
+        The Markdown table.
+    """
+    import torch
+
     keys = CELLS + [f"lml {n}" for n in ("GGN", "MC", "EF")]
     medians = {
         label: {k: statistics.median(r[k] for r in rs) for k in keys}
         for label, rs in runs.items()
     }
-    import torch
-
     result = {
-        "command": "python benchmarks/compare_revisions.py " + " ".join(sys.argv[1:]),
+        "command": command,
         "machine": f"{os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{args.threads} threads",
-        "repeats": args.repeats,
+        f"{threads} threads",
+        "repeats": min(len(rs) for rs in runs.values()),
         "runs": runs,
         "medians": medians,
     }
-    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "compare_revisions.json").write_text(json.dumps(result, indent=1))
     (out / "compare_revisions.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    return to_markdown(result)
 
 
 if __name__ == "__main__":
