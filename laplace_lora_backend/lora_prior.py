@@ -62,7 +62,7 @@ class LoRAPrior:
             if "align" not in str(err) and "per-layer" not in str(err):
                 raise
             kinds = [w.kind for w in self.lora_weights]
-            heads = len(kinds) - kinds.count("A") - kinds.count("B")
+            heads = sum(w.is_head for w in self.lora_weights)
             per_tensor = (
                 f"{self.n_layers} (one per LoRA weight tensor, lora_A and lora_B "
                 f"counted apart: {kinds.count('A')} A + {kinds.count('B')} B"

@@ -25,10 +25,7 @@ from laplace.curvature import CurvatureInterface
 from laplace.utils import Likelihood
 from torch.nn.utils import parameters_to_vector
 
-from laplace_lora_backend.curvature.discovery import (
-    find_lora_weights,
-    warn_heads_covered,
-)
+from laplace_lora_backend.curvature.discovery import find_lora_weights
 from laplace_lora_backend.curvature.lora import LoRAGGN, LoRAInterface, compute_dtype
 from laplace_lora_backend.distributed import (
     active_group,
@@ -150,11 +147,11 @@ class LoRALaplace(
         backend_kwargs = lora_backend_kwargs(
             backend, backend_kwargs, {**selection, **self._lora_options()}
         )
-        self.lora_weights = find_lora_weights(model, lora_modules, modules_to_save)
+        self.lora_weights = find_lora_weights(
+            model, lora_modules, modules_to_save, warn=True
+        )
         self.lora_modules = lora_modules
         self.modules_to_save = modules_to_save
-        if modules_to_save is None and lora_modules is None:
-            warn_heads_covered(self.lora_weights)
         self.process_group = process_group
         self.center_logits = bool(center_logits)
         self.H = None  # laplace-torch's __init__ then leaves _init_H to us

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from laplace.utils import Likelihood, LinkApprox, PredType
 
-from laplace_lora_backend.curvature.discovery import HEAD_KINDS
 from laplace_lora_backend.glm import JacobianBatch, gaussian_samples, probit
 from laplace_lora_backend.uncertainty import (
     PredictiveUncertainty,
@@ -179,7 +178,7 @@ class LoRAPredictive:
         """
         head = getattr(self.model, "linear_head", None)
         Wb = head() if callable(head) and self._uses_lora_backend else None
-        if any(w.kind in HEAD_KINDS for w in self.lora_weights):
+        if any(w.is_head for w in self.lora_weights):
             Wb = None  # a trainable head in the posterior may be that map
         if Wb is not None and Wb[0].shape[0] > Wb[0].shape[1]:
             Js, h = self.backend.jacobians(X, features=True)

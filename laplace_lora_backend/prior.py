@@ -233,9 +233,7 @@ class PriorTuning:
     ) -> None:
         """Marglik with `prior_structure` (``"lora"``: `marglik_groups`)."""
         if prior_structure == LORA_PRIOR:
-            adapter = next(
-                (w.adapter for w in self.lora_weights if w.kind in ("A", "B")), ""
-            )
+            adapter = next((w.adapter for w in self.lora_weights if not w.is_head), "")
             groups, fixed = lora_prior_groups(
                 self.lora_weights, lora_init(self.model, adapter)
             )

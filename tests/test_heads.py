@@ -200,6 +200,10 @@ def test_a_big_head_is_left_out_by_default_and_joins_when_asked(monkeypatch):
     with pytest.warns(UserWarning, match=r"Left out of the posterior.*classifier"):
         la = Laplace(model, "classification", subset_of_weights="lora")
     assert {w.kind for w in la.lora_weights} == {"A", "B"}
+    with warnings.catch_warnings():  # said once, where the posterior is built
+        warnings.filterwarnings("error", message="Left out of the posterior")
+        _fit(la, _batch())
+        la(_inputs(_batch()), link_approx="probit")
     la = Laplace(
         model, "classification", subset_of_weights="lora", modules_to_save=True
     )

@@ -35,7 +35,6 @@ __all__ = [
     "grad_enabled",
     "lora_init",
     "lora_layer_names",
-    "warn_heads_covered",
 ]
 
 
@@ -88,6 +87,11 @@ class LoRAWeight:
     def is_bias(self) -> bool:
         """Whether this is a head's bias (its layer input is a constant 1)."""
         return self.kind == "bias"
+
+    @property
+    def is_head(self) -> bool:
+        """Whether this belongs to a trainable head, not to a LoRA factor."""
+        return self.kind in HEAD_KINDS
 
 
 def _is_lora_layer(module: nn.Module) -> bool:
@@ -144,20 +148,22 @@ DEFAULT_HEAD_MAX_PARAMS = 2**24
 
 def _heads(
     model: nn.Module, match, modules_to_save: bool | None, named_only: bool
-) -> dict[int, tuple[str, str, str, nn.Linear]]:
+) -> tuple[dict[int, tuple[str, str, str, nn.Linear]], list[str]]:
     """Weights and biases of trainable linear heads, keyed by `id(param)`.
 
     `modules_to_save` copies of the active adapter (unless `modules_to_save`
     is False; with None only those up to `DEFAULT_HEAD_MAX_OUT` outputs and
-    `DEFAULT_HEAD_MAX_PARAMS` weights, with a warning naming the others),
-    and trainable `nn.Linear` layers outside LoRA layers and PEFT wrappers
-    (only if `named_only`: `lora_modules` was given). A head's linear joins
-    if its wrapper's name or its own full name matches.
+    `DEFAULT_HEAD_MAX_PARAMS` weights), and trainable `nn.Linear` layers
+    outside LoRA layers and PEFT wrappers (only if `named_only`:
+    `lora_modules` was given). A head's linear joins if its wrapper's name or
+    its own full name matches.
 
     Returns
     -------
-    dict[int, tuple[str, str, str, nn.Linear]]
+    found : dict[int, tuple[str, str, str, nn.Linear]]
         `(layer_name, adapter, kind, module)` per parameter.
+    too_big : list[str]
+        The heads left out for their size (name and shape).
     """
     from peft.utils import ModulesToSaveWrapper
 
@@ -202,16 +208,7 @@ def _heads(
             and match(name)
         ):
             add(name, "", module)
-    if too_big:
-        warnings.warn(
-            f"Left out of the posterior: modules_to_save heads {too_big} (more than "
-            f"{DEFAULT_HEAD_MAX_OUT} outputs or {DEFAULT_HEAD_MAX_PARAMS} weights; "
-            "PEFT trains them in full). Pass modules_to_save=True to include them "
-            "anyway (large factors), or False to silence this.",
-            UserWarning,
-            stacklevel=4,
-        )
-    return found
+    return found, too_big
 
 
 def head_names(weights: Sequence[LoRAWeight]) -> list[str]:
@@ -221,20 +218,33 @@ def head_names(weights: Sequence[LoRAWeight]) -> list[str]:
     -------
     list[str]
     """
-    return list(dict.fromkeys(w.layer_name for w in weights if w.kind in HEAD_KINDS))
+    return list(dict.fromkeys(w.layer_name for w in weights if w.is_head))
 
 
-def warn_heads_covered(weights: Sequence[LoRAWeight]) -> None:
-    """One line naming the heads that joined the posterior by default."""
+def _warn_heads(weights: Sequence[LoRAWeight], too_big: list[str], default: bool):
+    """Warn about heads left out for their size, and those that joined.
+
+    The second warning only for the `default` selection (no `lora_modules`,
+    no `modules_to_save`): it tells what the posterior covers unasked.
+    """
+    if too_big:
+        warnings.warn(
+            f"Left out of the posterior: modules_to_save heads {too_big} (more than "
+            f"{DEFAULT_HEAD_MAX_OUT} outputs or {DEFAULT_HEAD_MAX_PARAMS} weights; "
+            "PEFT trains them in full). Pass modules_to_save=True to include them "
+            "anyway (large factors), or False to silence this.",
+            UserWarning,
+            stacklevel=5,  # the caller of laplace.Laplace(...)
+        )
     heads = head_names(weights)
-    if heads:
-        n = sum(w.kind in HEAD_KINDS for w in weights)
+    if default and heads:
+        n = sum(w.is_head for w in weights)
         warnings.warn(
             f"The posterior covers the LoRA weights and {n} tensors of heads PEFT "
             f"trains in full (modules_to_save): {heads}. Pass modules_to_save=True "
             "to silence this, or modules_to_save=False to leave them out.",
             UserWarning,
-            stacklevel=4,
+            stacklevel=5,  # the caller of laplace.Laplace(...)
         )
 
 
@@ -242,6 +252,7 @@ def find_lora_weights(
     model: nn.Module,
     lora_modules: str | Sequence[str] | re.Pattern | None = None,
     modules_to_save: bool | None = None,
+    warn: bool = False,
 ) -> list[LoRAWeight]:
     """Select the LoRA weights of the active adapters of `model`, and its heads.
 
@@ -260,8 +271,11 @@ def find_lora_weights(
     modules_to_save : bool or None, default=None
         Whether PEFT's ``modules_to_save`` heads (trained in full) join the
         posterior: their `nn.Linear` weights and biases. `None`: those up to
-        `DEFAULT_HEAD_MAX_OUT` outputs and `DEFAULT_HEAD_MAX_PARAMS` weights
-        (a warning names the others).
+        `DEFAULT_HEAD_MAX_OUT` outputs and `DEFAULT_HEAD_MAX_PARAMS` weights.
+    warn : bool, default=False
+        Warn about heads left out for their size and, when both selections
+        are None, name the heads that joined (once, where the posterior is
+        built; not on every later lookup).
 
     Returns
     -------
@@ -295,7 +309,8 @@ def find_lora_weights(
             for kind, holder in (("A", layer.lora_A), ("B", layer.lora_B)):
                 module = holder[adapter]
                 selected[id(module.weight)] = (layer_name, adapter, kind, module)
-    selected.update(_heads(model, match, modules_to_save, lora_modules is not None))
+    heads, too_big = _heads(model, match, modules_to_save, lora_modules is not None)
+    selected.update(heads)
     if not selected:
         raise LoRALayerNotFoundError(
             f"`lora_modules={lora_modules!r}` matched no active LoRA layer or "
@@ -308,6 +323,8 @@ def find_lora_weights(
         if id(param) in selected:
             layer_name, adapter, kind, module = selected.pop(id(param))
             weights.append(LoRAWeight(name, layer_name, adapter, kind, module, param))
+    if warn:
+        _warn_heads(weights, too_big, modules_to_save is None and lora_modules is None)
     return weights
 
 

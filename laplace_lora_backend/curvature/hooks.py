@@ -129,7 +129,7 @@ class ActivationRecorder:
         ValueError
             If the rows of `a` are neither the batch's examples nor its
             tokens, flattened (e.g. a routed expert that sees some tokens).
-        """
+        """  # noqa: DOC502 (raised as `self._unmapped(...)`)
         self._flat[i] = False
         if self.batch_tokens is None or a.ndim == 0:
             return a
@@ -139,8 +139,22 @@ class ActivationRecorder:
         if a.ndim == 2 and T is not None and a.shape[0] == B * T:
             self._flat[i] = True
             return a.view(B, T, a.shape[-1])
-        tokens = "" if T is None else f" of {T} tokens ({B * T} token rows)"
-        raise ValueError(
+        raise self._unmapped(i, a, B, T)
+
+    def _unmapped(self, i: int, a: torch.Tensor, B: int, T: int | None) -> ValueError:
+        """The error for module `i`, whose input rows are not `B` examples.
+
+        Returns
+        -------
+        ValueError
+            Naming the module, the shapes and the fix.
+        """
+        tokens = (
+            " (no attention mask to map flattened token rows back)"
+            if T is None
+            else f" of {T} tokens ({B * T} token rows)"
+        )
+        return ValueError(
             f"LoRA module '{self.names[i]}' received an input of shape "
             f"{tuple(a.shape)} for a batch of {B} examples{tokens}: its rows "
             "cannot be mapped back to examples (e.g. a routed mixture-of-experts "
@@ -174,8 +188,15 @@ class ActivationRecorder:
         if self.on_grad is not None:
             self.on_grad(i, self.example_grad(i, grad.detach()))
 
-    def checked_inputs(self) -> list[torch.Tensor]:
-        """Inputs of every module, raising if one did not run.
+    def checked_inputs(self, batch_size: int) -> list[torch.Tensor]:
+        """Inputs of every module, raising if one did not run or is not per example.
+
+        Parameters
+        ----------
+        batch_size : int
+            Examples in the batch (the model output's first axis): every input
+            must have them first (checked here when `batch_tokens` was not
+            known while recording).
 
         Returns
         -------
@@ -184,7 +205,8 @@ class ActivationRecorder:
         Raises
         ------
         ValueError
-            If a watched module was not called in the last forward pass.
+            If a watched module was not called in the last forward pass, or
+            its input rows are not the batch's examples.
         """
         missing = [n for n, a in zip(self.names, self.inputs, strict=True) if a is None]
         if missing:
@@ -193,4 +215,7 @@ class ActivationRecorder:
                 "model output does not depend on them. Exclude them with "
                 "`lora_modules`, or check that the adapter is active."
             )
+        for i, a in enumerate(self.inputs):
+            if a.ndim == 0 or a.shape[0] != batch_size:  # type: ignore[union-attr]
+                raise self._unmapped(i, a, batch_size, None)  # type: ignore[arg-type]
         return list(self.inputs)  # type: ignore[arg-type]

@@ -134,7 +134,7 @@ class LoRAInterface(LoRAJacobians, LoRAKFAC, CurvatureInterface):
         self._names = [w.name for w in self.lora_weights]
         self.compute_dtype = compute_dtype(self.params[0].dtype)
         self.lowrank = LowRankOptions(lowrank_threshold, lowrank_rank, lowrank_residual)
-        ranks = [min(w.param.shape) for w in self.lora_weights if w.kind in "AB"]
+        ranks = [min(w.param.shape) for w in self.lora_weights if not w.is_head]
         self.lowrank.check_lora_rank(max(ranks, default=0))
 
     # ------------------------------------------------------------------ helpers
@@ -193,22 +193,8 @@ class LoRAInterface(LoRAJacobians, LoRAKFAC, CurvatureInterface):
         list[torch.Tensor]
             One input tensor per LoRA weight.
 
-        Raises
-        ------
-        ValueError
-            An input whose rows are not the batch's examples (flattened
-            tokens without a mask to map them back).
         """
-        inputs = rec.checked_inputs()
-        for name, a in zip(self._names, inputs, strict=True):
-            if a.ndim == 0 or a.shape[0] != f.shape[0]:
-                raise ValueError(
-                    f"LoRA module '{name}' received an input of shape "
-                    f"{tuple(a.shape)} for a batch of {f.shape[0]} examples: its rows "
-                    "cannot be mapped back to examples. Pass the batch's "
-                    f"'{self.mask_key}' (batch, tokens) so that flattened token rows "
-                    "can be, or leave the layer out with lora_modules=[...]."
-                )
+        inputs = rec.checked_inputs(f.shape[0])
         check_finite(inputs, self._names, "inputs")
         if not bool(torch.isfinite(f).all()):
             check_finite([f], ["model outputs"], "values")
