@@ -25,16 +25,18 @@ Then the costs per layer, extrapolated to 32 layers, and the memory of the
 factors as a formula in (d_model, d_ff, r, k, n_layers, bytes per float),
 checked against the measured factor bytes.
 
-Usage (full shape, about 15 min and 6 GiB on 2 cores; see the results md)::
+Usage (full shape; estimated 10-15 min and a peak RSS of about 4-5 GiB on 2
+cores, the dense contenders reported as not run)::
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_7b_shape.py
+    OMP_NUM_THREADS=2 python benchmarks/bench_7b_shape.py --threads 2
 
 Small validation shape::
 
     python benchmarks/bench_7b_shape.py --hidden 512 --intermediate 1376 \\
         --vocab 4000 --output /tmp/b7
 
-Writes ``<output>/bench_7b_shape.{json,md}`` (``benchmarks/results`` by default).
+Writes ``<output>/<name>.{json,md}`` (``benchmarks/results/bench_7b_shape`` by
+default).
 """
 
 from __future__ import annotations
@@ -494,6 +496,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="default: all cores")
     p.add_argument("--output", default="benchmarks/results")
+    p.add_argument("--name", default="bench_7b_shape", help="file name stem")
     return p.parse_args(argv)
 
 
@@ -628,7 +631,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for name, make in contenders.items():
         if args.dense == "skip" or (args.dense == "auto" and not fits):
-            dense[name] = {"not_run": f"not run: {reason}"}
+            why = "skipped (--dense skip); " if args.dense == "skip" else ""
+            dense[name] = {"not_run": f"not run: {why}{reason}"}
             log(f"{name}: not run: {reason}")
             continue
         try:
@@ -705,10 +709,10 @@ def main(argv: list[str] | None = None) -> dict:
     result["extrapolation"] = extrapolate(result, args)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_7b_shape.json").write_text(json.dumps(result, indent=1))
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     md = to_markdown(result)
-    (out / "bench_7b_shape.md").write_text(md)
-    log(f"wrote {out / 'bench_7b_shape.md'}")
+    (out / f"{args.name}.md").write_text(md)
+    log(f"wrote {out / args.name}.md")
     print(md)
     return result
 
