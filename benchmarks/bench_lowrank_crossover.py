@@ -10,7 +10,8 @@ precision 1 (what compression costs in evidence).
 
 Usage: ``python benchmarks/bench_lowrank_crossover.py [--widths ...]
 [--repeats 3]``. Writes ``benchmarks/results/lowrank_crossover.{json,md}``.
-The data for issue 17's cost-aware default; the default itself is unchanged.
+The measurement behind the cost-aware default `lowrank_threshold=1024`
+(`laplace_lora_backend.matrix.lowrank_options.DEFAULT_LOWRANK_THRESHOLD`).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def main() -> None:
         "--widths",
         type=int,
         nargs="+",
-        default=[256, 512, 768, 1024, 1536, 2048, 3072, 4096],
+        default=[256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192],
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)

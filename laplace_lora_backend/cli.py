@@ -36,11 +36,12 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--smollm2", action="store_true", help="add the SmolLM2-135M workload"
     )
+    _matrix_args(parser)
     parser.add_argument(
         "--repeats",
         type=int,
         default=None,
-        help="timed repetitions per cell; default: 3 (2 with --quick)",
+        help="timed repetitions per cell; default: 3 (2 with --quick; 1 with --matrix)",
     )
     parser.add_argument(
         "--limit-s",
@@ -61,6 +62,37 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
         "--device",
         default="cpu",
         help="cpu or cuda (results get a _gpu suffix); default: %(default)s",
+    )
+
+
+def _matrix_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--matrix",
+        action="store_true",
+        help="run the SmolLM2 workload matrix instead (placements x lengths x "
+        "classes; writes bench_matrix.{md,json})",
+    )
+    parser.add_argument(
+        "--placements",
+        nargs="+",
+        default=None,
+        choices=["q,v", "k,o", "all-linear"],
+        help="--matrix: LoRA placements; default: all",
+    )
+    parser.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="--matrix: prompt lengths in tokens; default: 48 128 512",
+    )
+    parser.add_argument(
+        "--classes",
+        type=int,
+        nargs="+",
+        default=None,
+        choices=[3, 5],
+        help="--matrix: 3 (drug reviews) and/or 5 (BBC news); default: both",
     )
 
 
@@ -206,6 +238,22 @@ def main(argv: list[str] | None = None) -> None:
         run_demo(demo_from_arguments(args))
     elif args.command == "calibrate":
         _calibrate(args)
+    elif args.command == "bench" and args.matrix:
+        _benchmarks_on_path()
+        from benchmarks.suite.matrix import run_matrix
+
+        run_matrix(
+            output=args.output,
+            placements=args.placements,
+            lengths=args.lengths,
+            classes=args.classes,
+            repeats=args.repeats or 1,
+            limit_s=args.limit_s,
+            mem_gib=args.mem_gib,
+            threads=args.threads,
+            device=args.device,
+            command="laplace-lora " + " ".join(sys.argv[1:] if argv is None else argv),
+        )
     elif args.command == "bench":
         _benchmarks_on_path()
         from benchmarks.suite.suite import run_suite

@@ -20,7 +20,10 @@ from laplace.utils import Likelihood
 from laplace_lora_backend.distributed import reduce_factor
 from laplace_lora_backend.loralaplace import LoRALaplace
 from laplace_lora_backend.matrix import LoRAKron
-from laplace_lora_backend.matrix.lowrank import LowRankOptions
+from laplace_lora_backend.matrix.lowrank_options import (
+    DEFAULT_LOWRANK_THRESHOLD,
+    LowRankOptions,
+)
 from laplace_lora_backend.validation import LoRAModules
 
 __all__ = ["LoRAKronLaplace", "LoRADiagLaplace", "LoRAFullLaplace"]
@@ -58,8 +61,11 @@ class LoRAKronLaplace(LoRALaplace, KronLaplace):
         See `LoRALaplace`.
     center_logits : bool, default=True
         See `LoRALaplace`.
-    lowrank_threshold : int or None, default=512
-        Factors whose side is `>=` this are low-rank; `None`: all dense.
+    lowrank_threshold : int or None, default=1024
+        Factors whose side is `>=` this are low-rank; `None`: all dense. The
+        default is where low-rank factors start to pay in time (below it a
+        dense factor is faster, exact and at most 4 MiB); see
+        `laplace_lora_backend.matrix.lowrank_options.DEFAULT_LOWRANK_THRESHOLD`.
     lowrank_rank : int, default=16
         Rank `k` kept for each low-rank factor.
     lowrank_residual : {'trace', 'none'}, default='trace'
@@ -92,7 +98,7 @@ class LoRAKronLaplace(LoRALaplace, KronLaplace):
         modules_to_save: bool | None = None,
         process_group: Any = None,
         center_logits: bool = True,
-        lowrank_threshold: int | None = 512,
+        lowrank_threshold: int | None = DEFAULT_LOWRANK_THRESHOLD,
         lowrank_rank: int = 16,
         lowrank_residual: str = "trace",
     ) -> None:

@@ -14,9 +14,12 @@ from helpers import (
     rel_err,
 )
 from laplace import Laplace
+from peft import LoraConfig, get_peft_model
+from torch.utils.data import DataLoader, TensorDataset
 
 import laplace_lora_backend  # noqa: F401
 from laplace_lora_backend.matrix import LoRAKron, LowRankFactor
+from laplace_lora_backend.matrix.lowrank_options import DEFAULT_LOWRANK_THRESHOLD
 
 PRECS = [1e-2, 1.0, 30.0]
 
@@ -38,7 +41,34 @@ def fit(lowrank_threshold, lowrank_rank=16, residual="trace", arch="llama", **kw
     return la, model, batch
 
 
-def test_default_is_lowrank_from_512_and_none_means_dense():
+def _wide_lora_model(width: int) -> torch.nn.Module:
+    """One LoRA (r=2) linear layer `width -> 3` (a plain torch model)."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(width, 3))
+    cfg = LoraConfig(r=2, lora_alpha=2, target_modules=["0"], lora_dropout=0.0)
+    return get_peft_model(base, cfg).double()
+
+
+@pytest.mark.parametrize(
+    "width, wide_is_lowrank",
+    [(DEFAULT_LOWRANK_THRESHOLD - 1, False), (DEFAULT_LOWRANK_THRESHOLD, True)],
+)
+def test_default_threshold_rule_at_the_boundary(width, wide_is_lowrank):
+    """Library defaults: a factor of side `d` is low-rank iff d >= 1024, the
+    measured crossover (below it dense is faster and exact)."""
+    assert DEFAULT_LOWRANK_THRESHOLD == 1024
+    model = _wide_lora_model(width)
+    X = torch.randn(8, width, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    la = Laplace(model, "classification", subset_of_weights="lora")
+    assert la.lowrank.threshold == DEFAULT_LOWRANK_THRESHOLD
+    la.fit(DataLoader(TensorDataset(X, y), batch_size=4))
+    kinds = [[isinstance(F, LowRankFactor) for F in b] for b in la.H_facs.kfacs]
+    # lora_A (2, width): factors (2 x 2, width x width); lora_B (3, 2): dense
+    assert kinds == [[False, wide_is_lowrank], [False, False]]
+
+
+def test_none_means_dense_and_a_threshold_compresses_wide_sides():
     la, _, _ = fit(None)
     assert all(isinstance(F, torch.Tensor) for b in la.H_facs.kfacs for F in b)
     la, _, _ = fit(16)

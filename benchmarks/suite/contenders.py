@@ -83,7 +83,10 @@ def _upstream(structure: str, backend: str) -> Callable[[nn.Module], Any]:
 
 CONTENDERS: list[Contender] = [
     Contender("ours kron dense", "kron", _ours("kron", lowrank_threshold=None), True),
-    Contender("ours kron low-rank", "kron", _ours("kron"), True),
+    # every side >= 64 low-rank (the width sweep's low-rank line at any width)
+    Contender("ours kron low-rank", "kron", _ours("kron", lowrank_threshold=64), True),
+    # the library's default: low-rank from DEFAULT_LOWRANK_THRESHOLD (1024) on
+    Contender("ours kron default", "kron", _ours("kron"), True),
     Contender(
         "ours kron EF", "kron", _ours_backend("LoRAEF", lowrank_threshold=None), True
     ),
@@ -113,6 +116,7 @@ for _structure in ("kron", "diag"):
 # contender -> ours computing the same quantity (agreement column)
 REFERENCE: dict[str, str] = {
     "ours kron low-rank": "ours kron dense",
+    "ours kron default": "ours kron dense",
     "laplace-torch kron CurvlinopsGGN": "ours kron dense",
     "laplace-torch kron AsdlGGN": "ours kron dense",
     "laplace-torch kron BackPackGGN": "ours kron dense",

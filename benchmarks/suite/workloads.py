@@ -156,25 +156,32 @@ def tiny_lm(
     return Workload(name, model, train, test, meta)
 
 
-def smollm2(n: int = 64, max_length: int = 48, batch_size: int = 8) -> Workload:
-    """SmolLM2-135M-Instruct, LoRA on q, v and the trimmed lm_head, drug reviews.
+def smollm2(
+    n: int = 64,
+    max_length: int = 48,
+    batch_size: int = 8,
+    targets: tuple[str, ...] = ("q_proj", "v_proj", "lm_head"),
+    dataset: str = "drugreview",
+) -> Workload:
+    """SmolLM2-135M-Instruct with LoRA (r=8) on `targets`, real reviews / news.
+
+    The default is the suite's workload: LoRA on q, v and the trimmed lm_head,
+    drug reviews (3 classes); ``dataset="bbcnews"`` gives 5 classes.
 
     Returns
     -------
     Workload
-        The first `n` training reviews in batches of `batch_size`, and
-        `batch_size` test reviews (prompts of about `max_length` tokens).
+        The first `n` training examples in batches of `batch_size`, and
+        `batch_size` test examples (prompts of about `max_length` tokens).
     """
     from peft import LoraConfig, get_peft_model
 
-    data = load_dataset("drugreview")
+    data = load_dataset(dataset)
     lm, tokenizer = load_smollm2()
     ids = answer_token_ids(data.answers, tokenizer)
     trim_lm_head(lm, ids)
     torch.manual_seed(0)
-    lora = LoraConfig(
-        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "lm_head"]
-    )
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=list(targets))
     model = AnswerTokenClassifier(get_peft_model(lm, lora), ids).eval()
     enc = tokenize_prompts(data, data.train[:n], tokenizer, max_length)
     train = [
@@ -182,9 +189,11 @@ def smollm2(n: int = 64, max_length: int = 48, batch_size: int = 8) -> Workload:
         for i in range(0, n, batch_size)
     ]
     test = tokenize_prompts(data, data.test[:batch_size], tokenizer, max_length)
-    meta = {"n": n, "tokens": max_length, "C": 3}
+    C = len(data.answers)
+    meta = {"n": n, "tokens": max_length, "C": C, "targets": list(targets)}
+    where = ",".join(t.removesuffix("_proj") for t in targets)
     return Workload(
-        f"SmolLM2-135M, LoRA q,v,lm_head ({n} reviews x {max_length} tokens)",
+        f"SmolLM2-135M, LoRA {where} ({n} {dataset} x {max_length} tokens, C={C})",
         model,
         train,
         test,

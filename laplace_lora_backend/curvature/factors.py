@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from laplace_lora_backend.matrix.lowrank import LowRankFactor, LowRankResidual
+from laplace_lora_backend.matrix.lowrank import LowRankFactor
+from laplace_lora_backend.matrix.lowrank_options import LowRankResidual
 
 __all__ = ["DenseFactor", "LowRankAccumulator"]
 

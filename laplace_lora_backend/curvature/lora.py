@@ -46,7 +46,7 @@ from laplace_lora_backend.curvature.jacobians import Batch, LoRAJacobians
 from laplace_lora_backend.curvature.kfac import LoRAKFAC
 from laplace_lora_backend.curvature.tokens import KFACApprox, parse_kfac_approx
 from laplace_lora_backend.matrix import LowRankResidual
-from laplace_lora_backend.matrix.lowrank import LowRankOptions
+from laplace_lora_backend.matrix.lowrank_options import LowRankOptions
 
 __all__ = ["LoRAInterface", "LoRAGGN", "LoRAEF"]
 
@@ -83,7 +83,7 @@ class LoRAInterface(LoRAJacobians, LoRAKFAC, CurvatureInterface):
         Kronecker factors whose side is `>= lowrank_threshold` are kept as
         streaming rank-`lowrank_rank` factors (`LowRankFactor`); `None` keeps
         all factors dense (laplace-torch's `Kron`-compatible default).
-        `LoRAKronLaplace` passes its own default (512).
+        `LoRAKronLaplace` passes its own default (1024).
     lowrank_rank : int, default=16
         Rank `k` of the low-rank factors.
     lowrank_residual : {'trace', 'none'}, default='trace'

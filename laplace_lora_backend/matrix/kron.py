@@ -16,7 +16,8 @@ import torch
 from laplace.utils import Kron, symeig
 
 from laplace_lora_backend.matrix.kron_decomposed import LoRAKronDecomposed
-from laplace_lora_backend.matrix.lowrank import LowRankFactor, LowRankOptions
+from laplace_lora_backend.matrix.lowrank import LowRankFactor
+from laplace_lora_backend.matrix.lowrank_options import LowRankOptions
 
 __all__ = ["LoRAKron", "Factor"]
 
@@ -152,6 +153,7 @@ class LoRAKron(Kron):
         LoRAKronDecomposed
         """
         eigvecs, eigvals = [], []
+        eigh = _SharedEigh()
         for block in self.kfacs:
             vecs, vals = [], []
             for F in block:
@@ -159,7 +161,7 @@ class LoRAKron(Kron):
                     vecs.append(F.U)
                     vals.append(F)
                 else:
-                    lam, Q = symeig(F)
+                    lam, Q = eigh(F)
                     vecs.append(Q)
                     vals.append(lam)
             eigvecs.append(vecs)
@@ -265,6 +267,30 @@ class LoRAKron(Kron):
                 for b in state
             ]
         )
+
+
+class _SharedEigh:
+    """`symeig` that decomposes equal factors once.
+
+    LoRA weights that read the same input (q, k and v of a layer) have equal
+    input factors (`LoRAKFAC` accumulates one per distinct input); their
+    eigendecomposition, the cubic part of a fit, is computed once and shared.
+    Factors are matched exactly (`torch.equal`), so the result is the one
+    each factor's own `symeig` gives.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple, list[tuple[torch.Tensor, tuple]]] = {}
+
+    def __call__(self, F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (tuple(F.shape), F.dtype, F.device, float(F.diagonal().sum()))
+        candidates = self._seen.setdefault(key, [])
+        for G, result in candidates:
+            if G is F or torch.equal(G, F):
+                return result
+        result = symeig(F)
+        candidates.append((F, result))
+        return result
 
 
 def _factor_diag(F: Factor) -> torch.Tensor:

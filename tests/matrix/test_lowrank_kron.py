@@ -181,3 +181,31 @@ def test_scalar_multiplication_and_state_round_trip():
     back = LoRAKron.from_state(H.to_state())
     assert rel_err(back.to_matrix(), H.to_matrix()) == 0
     assert isinstance(back.kfacs[0][0], LowRankFactor)
+
+
+def test_equal_factors_are_decomposed_once_with_the_same_result(monkeypatch):
+    """q and v read the same input: their equal input factors share one eigh,
+    and the decomposition equals laplace-torch's Kron.decompose factor by
+    factor."""
+    import laplace_lora_backend.matrix.kron as kron_module
+
+    g = torch.Generator().manual_seed(0)
+
+    def psd(d):
+        X = torch.randn(d + 3, d, generator=g, dtype=torch.float64)
+        return X.T @ X
+
+    A = psd(6)
+    blocks = [[psd(2), A], [psd(2), A.clone()], [psd(2), psd(6)]]
+    calls = []
+    symeig = kron_module.symeig
+    monkeypatch.setattr(kron_module, "symeig", lambda F: calls.append(F) or symeig(F))
+    ours = LoRAKron(blocks).decompose()
+    assert len(calls) == 5  # 6 dense factors, two of them equal
+    ref = Kron([[F.clone() for F in b] for b in blocks]).decompose()
+    for b, (Qs, ls) in enumerate(zip(ours.eigenvectors, ours.eigenvalues, strict=True)):
+        for i, (Q, lam) in enumerate(zip(Qs, ls, strict=True)):
+            assert torch.equal(lam, ref.eigenvalues[b][i])
+            assert torch.equal(Q, ref.eigenvectors[b][i])
+    dense = Kron([[F.clone() for F in b] for b in blocks]).to_matrix()
+    assert rel_err(ours.to_matrix(), dense) < 1e-10

@@ -1,0 +1,69 @@
+"""`laplace-lora bench --matrix`: the grid, the headline and the tables."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.suite.matrix import (
+    COMPARISONS,
+    MATRIX_CONTENDERS,
+    cells,
+    headline,
+    to_markdown,
+)
+
+
+def test_grid_is_every_placement_length_and_class_count():
+    grid = cells(["q,v", "k,o", "all-linear"], [48, 128, 512], [3, 5])
+    assert len(grid) == 18
+    assert {(c["tokens"], c["n"]) for c in grid} == {(48, 16), (128, 6), (512, 2)}
+    # every laplace-torch backend of a comparison is run, and ours
+    for ours, theirs in COMPARISONS.values():
+        assert ours in MATRIX_CONTENDERS and set(theirs) <= set(MATRIX_CONTENDERS)
+
+
+def _row(cell, fits):
+    return {
+        "cell": cell,
+        "cells": [{"contender": n, "fit_s": s} for n, s in fits.items()],
+    }
+
+
+def test_headline_counts_cells_where_ours_is_fastest_and_the_worst_ratio():
+    a, b, c = cells(["q,v"], [48, 128, 512], [3])
+    rows = [
+        _row(
+            a,
+            {
+                "ours kron default": 1.0,
+                "laplace-torch kron CurvlinopsGGN": 2.0,
+                "laplace-torch kron AsdlGGN": 3.0,
+                "ours kron EF": 1.0,
+                "laplace-torch kron AsdlEF": 0.5,  # faster than ours: 2x
+            },
+        ),
+        _row(
+            b,
+            {
+                "ours kron default": 3.0,
+                "laplace-torch kron AsdlGGN": 2.0,  # the other one failed
+                "ours kron EF": 1.0,
+                "laplace-torch kron CurvlinopsEF": 4.0,
+            },
+        ),
+        _row(c, {"ours kron default": 1.0}),  # nothing to compare with
+    ]
+    h = headline(rows)
+    assert h["GGN"]["compared"] == 2 and h["GGN"]["fastest"] == 1
+    assert h["GGN"]["worst"] == pytest.approx(1.5)
+    assert h["GGN"]["worst_cell"] == b
+    assert h["EF"]["compared"] == 2 and h["EF"]["fastest"] == 1
+    assert h["EF"]["worst"] == pytest.approx(2.0) and h["EF"]["worst_cell"] == a
+    result = {
+        "meta": {"command": "x"},
+        "rows": rows,
+        "headline": {"fit_s": h, "predict_s": headline(rows, "predict_s")},
+    }
+    md = to_markdown(result)
+    assert "| fit, GGN | 1 / 2 | 1.5 | q,v, 128 tok, C=3 |" in md
+    assert "| GLM predictive, GGN | 0 / 0 |" in md
