@@ -36,6 +36,7 @@ from laplace_lora_backend.distributed import (
 from laplace_lora_backend.fitted_state import FittedState
 from laplace_lora_backend.hf_models import as_logits_model
 from laplace_lora_backend.lora_prior import LoRAPrior
+from laplace_lora_backend.next_token import NextTokenPredictive
 from laplace_lora_backend.predictive import LoRAPredictive
 from laplace_lora_backend.prior import PriorTuning
 from laplace_lora_backend.prior_validation import PriorChoice
@@ -57,7 +58,13 @@ _EMPTY_LOADER = "train_loader is empty: fit needs at least one batch of training
 
 
 class LoRALaplace(
-    LoRAPrior, FittedState, PriorTuning, LoRAPredictive, PosteriorIO, ParametricLaplace
+    LoRAPrior,
+    FittedState,
+    PriorTuning,
+    NextTokenPredictive,
+    LoRAPredictive,
+    PosteriorIO,
+    ParametricLaplace,
 ):
     """Base of the LoRA Laplace classes: laplace-torch's, over the LoRA weights.
 
