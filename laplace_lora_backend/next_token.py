@@ -20,8 +20,10 @@ EVERY position is a model average of softmaxes over `K` posterior samples:
   rank-`K` Monte-Carlo factor of ``J Sigma J^T``). The softmax average over
   the `K` samples is then the usual MC estimate of the GLM predictive. No
   probit / diagonal shortcut is used: those need the `tokens * V`
-  variances, i.e. `tokens * V` backward passes. Cost: `K` JVPs (each about
-  two forward passes: the primal and the tangent).
+  variances, i.e. `tokens * V` backward passes. Cost: `K` JVPs, each about
+  two forward passes (the primal and the tangent); with ``chunk_size=K``
+  they are vectorised (`torch.func.vmap`) and share one primal pass: about
+  ``K + 2`` forward passes, at `K` tangent logit tensors of memory.
 - ``pred_type="map"``: the MAP softmax (one pass; zero mutual information).
 
 Memory: the running average (`SoftmaxAverage`) holds the average and the
@@ -136,6 +138,7 @@ class NextTokenPredictive:
         pred_type: str = "nn",
         n_samples: int = 10,
         generator: torch.Generator | None = None,
+        chunk_size: int = 1,
     ) -> TokenPredictive:
         """The Bayesian next-token predictive at every position of a batch.
 
@@ -151,6 +154,10 @@ class NextTokenPredictive:
             Posterior samples `K`.
         generator : torch.Generator, optional
             For the posterior samples.
+        chunk_size : int, default=1
+            ``"glm"``: directions per vectorised JVP. 1 holds one tangent
+            logit tensor (about ``2 K`` forward passes); `K` shares the primal
+            pass (about ``K + 2``) at `K` logit tensors of memory.
 
         Returns
         -------
@@ -177,7 +184,7 @@ class NextTokenPredictive:
         elif pred_type == "nn":
             samples = self._sampled_outputs(x, int(n_samples), generator)
         else:
-            samples = self.linearised_logits(x, int(n_samples), generator)
+            samples = self.linearised_logits(x, int(n_samples), generator, chunk_size)
         average = SoftmaxAverage()
         for f in samples:
             average.add(check_token_logits(f))
@@ -185,11 +192,16 @@ class NextTokenPredictive:
         return TokenPredictive(probs, entropy(probs), expected, mutual)
 
     def linearised_logits(
-        self, x: Any, n_samples: int, generator: torch.Generator | None = None
+        self,
+        x: Any,
+        n_samples: int,
+        generator: torch.Generator | None = None,
+        chunk_size: int = 1,
     ) -> Iterator[torch.Tensor]:
         """Samples of the linearised logits ``f(x) + J (theta_k - theta*)``.
 
-        One forward-mode JVP per posterior sample; the model is not modified.
+        Forward-mode JVPs along the posterior draws, `chunk_size` at a time;
+        the model is not modified.
 
         Parameters
         ----------
@@ -197,47 +209,64 @@ class NextTokenPredictive:
             A batch on the model's device.
         n_samples : int
         generator : torch.Generator, optional
+        chunk_size : int, default=1
+            Directions per JVP (see `logits_and_jvp`).
 
         Yields
         ------
         torch.Tensor
             The model's output shape, e.g. `(batch, tokens, V)`.
         """
-        for sample in self.sample(n_samples, generator):
-            yield sum(self.logits_and_jvp(x, sample - self.mean))
+        deltas = self.sample(n_samples, generator) - self.mean
+        for chunk in deltas.split(max(1, int(chunk_size))):
+            f, jvps = self.logits_and_jvp(x, chunk)
+            for jvp in jvps:
+                yield f + jvp
 
     def logits_and_jvp(
-        self, x: Any, direction: torch.Tensor
+        self, x: Any, directions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The model's outputs and their derivative along `direction`.
+        """The model's outputs and their derivatives along `directions`.
+
+        One direction: one JVP (`torch.func.jvp`), about two forward passes.
+        `c` directions: one JVP vectorised over them (`torch.func.vmap`):
+        the primal is computed once, so `K` directions in one chunk cost
+        about ``K + 1`` forward passes, at `c` times the memory of the
+        tangents (`c` logit tensors).
 
         Parameters
         ----------
         x : torch.Tensor or MutableMapping
             A batch on the model's device.
-        direction : torch.Tensor
-            `(P,)` a direction in the LoRA weights (the order of `params`).
+        directions : torch.Tensor
+            `(P,)` or `(c, P)` directions in the LoRA weights (the order of
+            `params`).
 
         Returns
         -------
         f : torch.Tensor
             The outputs at the MAP, e.g. `(batch, tokens, V)`.
         jvp : torch.Tensor
-            ``J direction``, the shape of `f`.
+            ``J direction``: the shape of `f`, or `(c, *f.shape)`.
         """
         names = [w.name for w in self.lora_weights]
-        chunks = direction.split([p.numel() for p in self.params])
+        chunks = directions.split([p.numel() for p in self.params], dim=-1)
         tangents = tuple(
-            c.view_as(p).to(device=p.device, dtype=p.dtype)
+            c.reshape(*directions.shape[:-1], *p.shape).to(p.device, p.dtype)
             for c, p in zip(chunks, self.params, strict=True)
         )
+        primals = tuple(p.detach() for p in self.params)
 
         def forward(*weights: torch.Tensor) -> torch.Tensor:
             return torch.func.functional_call(
                 self.model, dict(zip(names, weights, strict=True)), (x,)
             )
 
-        primals = tuple(p.detach() for p in self.params)
+        def jvp(*t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.func.jvp(forward, primals, t)
+
         with torch.no_grad():
-            f, jvp = torch.func.jvp(forward, primals, tangents)
-        return f, jvp
+            if directions.ndim == 1:
+                return jvp(*tangents)
+            f, jvps = torch.func.vmap(jvp, out_dims=(None, 0))(*tangents)
+        return f, jvps

@@ -99,6 +99,24 @@ def test_jvp_along_a_direction_equals_dense_jacobian_times_it(fitted):
     # forward vs reverse mode through Llama's RMSNorm, which computes in
     # float32 even for a float64 model: agreement to float32 precision
     assert rel_err(jvp, J @ delta.double()) < 1e-6
+    # several directions in one vectorised JVP
+    deltas = torch.randn(3, la.n_params, generator=torch.Generator().manual_seed(1))
+    f3, jvps = la.logits_and_jvp(x, deltas.double())
+    assert jvps.shape == (3, 2, 4, 64)
+    assert rel_err(f3, f_map) < 1e-12
+    assert rel_err(jvps, torch.einsum("btvp,cp->cbtv", J, deltas.double())) < 1e-6
+
+
+def test_chunked_linearised_predictive_equals_one_direction_at_a_time(fitted):
+    la, x = fitted
+    one, chunked = (
+        la.next_token_predictive(
+            x, "glm", 6, generator=torch.Generator().manual_seed(0), chunk_size=c
+        )
+        for c in (1, 4)
+    )
+    assert rel_err(chunked.probs, one.probs) < 1e-6
+    assert rel_err(chunked.mutual_information, one.mutual_information) < 1e-5
 
 
 def test_linearised_predictive_matches_exact_glm_predictive(fitted):
