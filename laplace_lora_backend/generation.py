@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from laplace_lora_backend.curvature.token_loss import checked_mask
 from laplace_lora_backend.next_token import check_token_logits
 from laplace_lora_backend.uncertainty import SoftmaxAverage, entropy
 
@@ -281,18 +282,9 @@ class LaplaceGeneration:
                 "input_ids must be an integer tensor (batch, prompt), e.g. "
                 "tokenizer(texts, return_tensors='pt', padding=True).input_ids."
             )
-        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-            raise ValueError(
-                f"input_ids must be (batch, prompt) with a non-empty prompt, got "
-                f"{tuple(input_ids.shape)}; add a batch axis with input_ids[None]."
-            )
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask {tuple(attention_mask.shape)} must have the shape "
-                f"of input_ids {tuple(input_ids.shape)}."
-            )
+        attention_mask = checked_mask(input_ids, attention_mask)
+        if input_ids.shape[1] == 0:
+            raise ValueError("generate needs a non-empty prompt, got 0 tokens.")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
         if int(max_new_tokens) < 1 or int(n_samples) < 1:

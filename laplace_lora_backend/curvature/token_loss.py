@@ -28,6 +28,7 @@ __all__ = [
     "EXACT_GGN_OF_TOKENS",
     "check_index_rank",
     "check_token_targets",
+    "checked_mask",
     "next_token_labels",
     "sample_token_labels",
     "target_mask",
@@ -41,6 +42,36 @@ EXACT_GGN_OF_TOKENS = (
     "(backend_kwargs={'stochastic': True}, sampled labels) or the empirical "
     "Fisher (backend=LoRAEF, the true next tokens)."
 )
+
+
+def checked_mask(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """The attention mask of `(batch, tokens)` ids, checked (default all ones).
+
+    Returns
+    -------
+    torch.Tensor
+        `(batch, tokens)`.
+
+    Raises
+    ------
+    ValueError
+        If `input_ids` is not `(batch, tokens)` or the mask's shape differs.
+    """
+    if input_ids.ndim != 2:
+        raise ValueError(
+            f"input_ids must be (batch, tokens), got {tuple(input_ids.shape)}; "
+            "add a batch axis with input_ids[None]."
+        )
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask {tuple(attention_mask.shape)} must have the shape of "
+            f"input_ids {tuple(input_ids.shape)}."
+        )
+    return attention_mask
 
 
 def next_token_labels(
@@ -66,20 +97,8 @@ def next_token_labels(
     ------
     ValueError
         If `input_ids` is not `(batch, tokens)` or the mask's shape differs.
-    """
-    if input_ids.ndim != 2:
-        raise ValueError(
-            f"input_ids must be (batch, tokens), got {tuple(input_ids.shape)}; "
-            "add a batch axis with input_ids[None]."
-        )
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask {tuple(attention_mask.shape)} must have the shape of "
-            f"input_ids {tuple(input_ids.shape)}."
-        )
-    real = attention_mask.bool()
+    """  # noqa: DOC502 (raised by checked_mask)
+    real = checked_mask(input_ids, attention_mask).bool()
     labels = torch.full_like(input_ids, IGNORE_INDEX, dtype=torch.long)
     both = real[:, :-1] & real[:, 1:]
     labels[:, :-1] = torch.where(both, input_ids[:, 1:].long(), IGNORE_INDEX)

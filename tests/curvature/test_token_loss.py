@@ -8,11 +8,11 @@ summed from the results.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
 
 import pytest
 import torch
-from laplace import Laplace
 from torch.nn import functional as F
 
 import laplace_lora_backend as llb
@@ -21,7 +21,13 @@ from laplace_lora_backend.curvature.token_loss import (
     next_token_labels,
 )
 from laplace_lora_backend.hf_models import as_logits_model
-from tests.helpers import make_lm_batch, make_loader, make_peft_causal_lm, rel_err
+from tests.helpers import (
+    lm_laplace,
+    make_lm_batch,
+    make_loader,
+    make_peft_causal_lm,
+    rel_err,
+)
 
 
 def test_next_token_labels_shift_and_mask():
@@ -46,6 +52,24 @@ def _loss(model, batch):
     )
 
 
+@contextmanager
+def _captured(weights):
+    """Inputs and outputs of the LoRA linears in the next forward pass."""
+    ins, outs = {}, {}
+
+    def keep(i, module, args, output):
+        ins[i], outs[i] = args[0], output
+
+    hooks = [
+        w.module.register_forward_hook(partial(keep, i)) for i, w in enumerate(weights)
+    ]
+    try:
+        yield ins, outs
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def _reference_kron(model, weights, batches, N):
     """[G, A] per LoRA weight: G = sum over tokens with a target of g g^T (g the
     gradient of the summed loss w.r.t. the layer output), A = (1/N) sum_n
@@ -53,24 +77,9 @@ def _reference_kron(model, weights, batches, N):
     G = [0.0] * len(weights)
     A = [0.0] * len(weights)
     for batch in batches:
-        ins, outs = {}, {}
-
-        def keep(i, module, args, output, ins=ins, outs=outs):
-            ins[i], outs[i] = args[0], output
-
-        hooks = [
-            w.module.register_forward_hook(partial(keep, i))
-            for i, w in enumerate(weights)
-        ]
-        try:
-            with torch.enable_grad():
-                loss = _loss(model, batch)
-                grads = torch.autograd.grad(
-                    loss, [outs[i] for i in range(len(weights))]
-                )
-        finally:
-            for h in hooks:
-                h.remove()
+        with _captured(weights) as (ins, outs), torch.enable_grad():
+            loss = _loss(model, batch)
+        grads = torch.autograd.grad(loss, [outs[i] for i in range(len(weights))])
         has = (batch["labels"] != IGNORE_INDEX).double()
         t_n = has.sum(1)
         for i in range(len(weights)):
@@ -83,13 +92,7 @@ def _reference_kron(model, weights, batches, N):
 def test_kron_ef_equals_dense_reference_over_all_tokens():
     model = make_peft_causal_lm()
     batch = make_lm_batch(n=6, T=6)
-    la = Laplace(
-        model,
-        "classification",
-        subset_of_weights="lora",
-        hessian_structure="kron",
-        backend=llb.LoRAEF,
-    )
+    la = lm_laplace(model, "kron")
     loader = make_loader(batch, batch_size=3)
     la.fit(loader)
     parts = [{k: v[i : i + 3] for k, v in batch.items()} for i in (0, 3)]
@@ -107,13 +110,7 @@ def test_kron_ef_equals_dense_reference_over_all_tokens():
 def test_full_ef_equals_outer_products_of_per_sequence_gradients():
     model = make_peft_causal_lm()
     batch = make_lm_batch(n=4, T=5)
-    la = Laplace(
-        model,
-        "classification",
-        subset_of_weights="lora",
-        hessian_structure="full",
-        backend=llb.LoRAEF,
-    )
+    la = lm_laplace(model, "full")
     la.fit(make_loader(batch, batch_size=2))
     params = [w.param for w in la.lora_weights]
     H = 0.0
@@ -131,22 +128,10 @@ def _reference_ggn_output_factors(model, weights, batch):
     sum over positions s with a target and columns c of the square root S_s of
     the loss Hessian at s (diag(sqrt p) - p sqrt(p)^T) of g g^T, g the
     gradient of f_s . S_s[:, c] w.r.t. the layer output (all positions)."""
-    outs = {}
-
-    def keep(i, module, args, output):
-        outs[i] = output
-
-    hooks = [
-        w.module.register_forward_hook(partial(keep, i)) for i, w in enumerate(weights)
-    ]
-    try:
-        with torch.enable_grad():
-            f = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
-    finally:
-        for h in hooks:
-            h.remove()
+    with _captured(weights) as (_, outs), torch.enable_grad():
+        f = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
     p = f.detach().softmax(-1)
     S = torch.diag_embed(p.sqrt()) - p[..., :, None] * p.sqrt()[..., None, :]
     has = batch["labels"] != IGNORE_INDEX

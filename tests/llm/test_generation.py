@@ -9,21 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from laplace import Laplace
 
-import laplace_lora_backend as llb
-from tests.helpers import make_lm_batch, make_loader, make_peft_causal_lm
+from tests.helpers import lm_laplace, make_lm_batch, make_loader, make_peft_causal_lm
 
 
 def _fit(model):
-    la = Laplace(
-        model,
-        "classification",
-        subset_of_weights="lora",
-        hessian_structure="kron",
-        backend=llb.LoRAEF,
-        prior_precision=4.0,
-    )
+    la = lm_laplace(model, prior_precision=4.0)
     la.fit(make_loader(make_lm_batch(n=6, T=6, seed=1), batch_size=3))
     return la
 

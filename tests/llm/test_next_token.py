@@ -17,8 +17,8 @@ import pytest
 import torch
 from laplace import Laplace
 
-import laplace_lora_backend as llb
 from tests.helpers import (
+    lm_laplace,
     make_lm_batch,
     make_loader,
     make_peft_causal_lm,
@@ -31,14 +31,7 @@ from tests.helpers import (
 def fitted():
     model = make_peft_causal_lm()
     train = make_lm_batch(n=6, T=6, seed=1)
-    la = Laplace(
-        model,
-        "classification",
-        subset_of_weights="lora",
-        hessian_structure="kron",
-        backend=llb.LoRAEF,
-        prior_precision=4.0,
-    )
+    la = lm_laplace(model, prior_precision=4.0)
     la.fit(make_loader(train, batch_size=3))
     test = make_lm_batch(n=2, T=4, seed=2)
     return la, test
