@@ -135,11 +135,11 @@ def check_index_rank(f: torch.Tensor, y: torch.Tensor) -> None:
     if y.is_floating_point() or y.ndim == f.ndim - 1:
         return
     raise ValueError(
-        f"Targets {tuple(y.shape)} do not fit outputs {tuple(f.shape)}: class "
-        "indices (batch,) need a model returning (batch, outputs) (wrap a causal "
-        "LM to return its answer-token logits, see laplace_lora_backend.llm); "
-        "(batch, tokens, vocab) logits need (batch, tokens) next-token ids "
-        "(next_token_labels)."
+        f"Targets of shape {tuple(y.shape)} do not fit model outputs of shape "
+        f"{tuple(f.shape)}: class indices have shape (batch,) with (batch, "
+        "outputs) outputs (wrap a causal LM to return its answer-token logits, "
+        "see laplace_lora_backend.llm); next-token ids (batch, tokens) with "
+        "(batch, tokens, vocab) logits (next_token_labels)."
     )
 
 
