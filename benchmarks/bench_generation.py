@@ -85,12 +85,17 @@ class GenConfig:
     seed: int = 0
     cost_lengths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
     cost_repeats: int = 3
+    n_prompts: int = 8
+    prompt_tokens: int = 24
+    new_tokens: int = 16
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
     @classmethod
     def tiny(cls, **kw) -> GenConfig:
         small = dict(
             model="tiny", n_train=24, n_eval=8, max_length=32, epochs=2, lr=3e-3,
-            n_samples=4, cost_lengths=[16, 32, 64], cost_repeats=2,
+            n_samples=4, cost_lengths=[16, 32, 64], cost_repeats=2, n_prompts=2,
+            prompt_tokens=8, new_tokens=4,
         )  # fmt: skip
         return cls(**{**small, **kw})
 
@@ -118,7 +123,10 @@ def lm_batches(items: list[str], tokenizer, cfg: GenConfig) -> BatchList:
             items[i : i + cfg.batch_size], padding=True, truncation=True,
             max_length=cfg.max_length, return_tensors="pt",
         )  # fmt: skip
-        ids, mask = enc["input_ids"], enc["attention_mask"]
+        ids, mask = (
+            enc["input_ids"].to(cfg.device),
+            enc["attention_mask"].to(cfg.device),
+        )
         out.append(
             {
                 "input_ids": ids,
@@ -139,7 +147,7 @@ def build(cfg: GenConfig, data: TextDataset):
     lora = LoraConfig(
         r=cfg.r, lora_alpha=2 * cfg.r, target_modules=cfg.targets, lora_dropout=0.0
     )
-    return get_peft_model(lm, lora), tokenizer
+    return get_peft_model(lm, lora).to(cfg.device), tokenizer
 
 
 def lm_loss(model, batch) -> torch.Tensor:
@@ -208,11 +216,42 @@ def evaluate(la, batches: BatchList, cfg: GenConfig) -> dict:
     return out
 
 
+def generation(la, tokenizer, items: list[str], cfg: GenConfig) -> dict:
+    """Model-averaged greedy continuations of the first `prompt_tokens` tokens
+    of a few texts: mean entropy and mutual information per generated token."""
+    tokenizer.padding_side = "left"
+    enc = tokenizer(
+        [t for t in items[: cfg.n_prompts]], truncation=True,
+        max_length=cfg.prompt_tokens, padding=True, return_tensors="pt",
+    )  # fmt: skip
+    out = la.generate(
+        enc["input_ids"].to(cfg.device),
+        attention_mask=enc["attention_mask"].to(cfg.device),
+        max_new_tokens=cfg.new_tokens,
+        mode="model_average",
+        n_samples=cfg.n_samples,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    gen = out.generated
+    new = out.sequences[:, -gen.shape[1] :]
+    return {
+        "entropy": float(out.entropy[gen].mean()),
+        "mutual_information": float(out.mutual_information[gen].mean()),
+        "examples": [
+            tokenizer.decode(row[keep]) for row, keep in zip(new, gen, strict=True)
+        ][:2],
+    }
+
+
 class PeakMemory:
     """Peak memory of a block: CUDA allocator, else sampled RSS (bytes)."""
 
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+
     def __enter__(self) -> PeakMemory:
-        self.cuda = torch.cuda.is_available()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
@@ -239,13 +278,15 @@ class PeakMemory:
             self.bytes = self.peak - self.base
 
 
-def _timed(fn, repeats: int) -> tuple[float, int]:
+def _timed(fn, repeats: int, device: str) -> tuple[float, int]:
     """Best wall time of `fn` over `repeats` runs, and its peak memory."""
     best, peak = float("inf"), 0
     for _ in range(repeats):
-        with PeakMemory() as mem:
+        with PeakMemory(device) as mem:
             t0 = time.perf_counter()
             fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
             best = min(best, time.perf_counter() - t0)
         peak = max(peak, mem.bytes)
     return best, peak
@@ -256,10 +297,12 @@ def cost(la, tokens: torch.Tensor, cfg: GenConfig) -> list[dict]:
     rows = []
     K = cfg.n_samples
     for T in cfg.cost_lengths:
-        ids = tokens[:T].repeat((T + len(tokens) - 1) // len(tokens))[:T][None]
+        ids = tokens.repeat((T + len(tokens) - 1) // len(tokens))[:T][None]
         x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         with torch.no_grad():
-            plain, plain_mem = _timed(lambda x=x: la.model(x), cfg.cost_repeats)
+            plain, plain_mem = _timed(
+                lambda x=x: la.model(x), cfg.cost_repeats, cfg.device
+            )
         row = {"tokens": T, "K": K, "forward_s": plain, "forward_peak_mib": 0.0}
         row["forward_peak_mib"] = plain_mem / 2**20
         for name, pred_type, chunk in (
@@ -272,6 +315,7 @@ def cost(la, tokens: torch.Tensor, cfg: GenConfig) -> list[dict]:
                     x, p, K, chunk_size=c
                 ),
                 cfg.cost_repeats,
+                cfg.device,
             )
             row[f"{name}_s"] = s
             row[f"{name}_forward_passes"] = s / plain
@@ -304,8 +348,14 @@ def run(cfg: GenConfig, with_cost: bool = False) -> dict:
         "prior_precision": la.prior_precision.flatten().tolist(),
         "n_lora_params": la.n_params,
     }
+    result["generation"] = {
+        side: generation(la, tokenizer, items, cfg)
+        for side, items in (("in_domain", held_out), ("shifted", shifted))
+    }
     if with_cost:
-        result["cost"] = cost(la, train_b[0]["input_ids"][0], cfg)
+        first = train_b[0]
+        real = first["input_ids"][0][first["attention_mask"][0].bool()]
+        result["cost"] = cost(la, real, cfg)
     result["seconds"] = time.perf_counter() - t0
     return result
 
@@ -387,11 +437,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n-eval", type=int)
     parser.add_argument("--samples", type=int)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--output", default="benchmarks/results/generation")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = GenConfig.tiny() if args.tiny else GenConfig()
     over = {"fisher": args.fisher, "topic": args.topic, "shifted": args.shifted}
+    if args.device:
+        over["device"] = args.device
     for key, value in (
         ("n_train", args.n_train), ("n_eval", args.n_eval), ("n_samples", args.samples)
     ):  # fmt: skip

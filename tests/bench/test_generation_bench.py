@@ -20,6 +20,8 @@ def test_tiny_run_writes_json_of_the_agreed_shape(tmp_path):
         assert result[side]["LA-sampling"]["mutual_information"] > 0
         assert isinstance(result["mutual_information"][side], float)
     assert result["config"]["model"] == "tiny"
+    for side in ("in_domain", "shifted"):
+        assert result["generation"][side]["mutual_information"] > 0
     assert [r["tokens"] for r in result["cost"]] == result["config"]["cost_lengths"]
     for row in result["cost"]:
         for key in ("sampling", "linearised", "linearised_chunked"):

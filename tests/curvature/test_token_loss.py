@@ -107,7 +107,7 @@ def test_kron_ef_equals_dense_reference_over_all_tokens():
     assert torch.allclose(torch.as_tensor(la.loss), total, rtol=1e-10)
 
 
-def test_full_ef_equals_outer_products_of_per_sequence_gradients():
+def test_full_and_diag_ef_equal_outer_products_of_per_sequence_gradients():
     model = make_peft_causal_lm()
     batch = make_lm_batch(n=4, T=5)
     la = lm_laplace(model, "full")
@@ -121,6 +121,9 @@ def test_full_ef_equals_outer_products_of_per_sequence_gradients():
         g = torch.cat([t.flatten() for t in grads])
         H = H + torch.outer(g, g)
     assert rel_err(la.H, H) < 1e-6
+    diag = lm_laplace(model, "diag")
+    diag.fit(make_loader(batch, batch_size=2))
+    assert rel_err(diag.H, H.diagonal()) < 1e-6
 
 
 def _reference_ggn_output_factors(model, weights, batch):
