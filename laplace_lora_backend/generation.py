@@ -10,8 +10,8 @@ the attention mask handled) with posterior weight samples:
   decoded on its own, without its padding, under its own sample.
 - ``mode="model_average"``: at every step the next-token distribution is the
   Bayesian model average ``mean_k softmax(f(x; theta_k))`` over `K` samples;
-  each sample keeps its own key-value cache (``past_key_values`` per
-  sample), so a step costs `K` single-token forward passes.
+  each sample keeps its own key-value cache (``past_key_values`` /
+  ``cache`` per sample), so a step costs `K` single-token forward passes.
 
 Per-token uncertainty (`laplace_lora_backend.uncertainty`) is returned for
 every generated token: the entropy of the distribution it was drawn from
@@ -24,9 +24,9 @@ back bit for bit afterwards, also if decoding raises
 (`LoRAPredictive._restoring_lora_weights`).
 
 Where this lives: generation needs only the call protocol of a transformers
-causal LM (``model(input_ids=, attention_mask=, position_ids=,
-past_key_values=, use_cache=True)`` returning ``.logits`` and
-``.past_key_values``), no import of transformers; it is therefore a core
+causal LM (``model(input_ids=, attention_mask=, position_ids=, cache=,
+use_cache=True)`` returning ``.logits`` and ``.cache``; ``past_key_values``
+before transformers 5.x), no import of transformers; it is therefore a core
 module below `LoRALaplace`, which mixes it in as ``la.generate`` (the `llm`
 package sits above the Laplace classes and could not provide a method).
 """
@@ -45,6 +45,7 @@ from laplace_lora_backend.uncertainty import SoftmaxAverage, entropy
 __all__ = ["GenerationOutput", "LaplaceGeneration"]
 
 MODES = ("sample_per_sequence", "model_average")
+CACHE_NAMES = ("cache", "past_key_values")  # transformers >= 5.x, before
 
 
 @dataclass
@@ -93,16 +94,19 @@ def _pick(
 
 
 def _lm_step(
-    lm: Any, ids: torch.Tensor, mask: torch.Tensor, cache: Any
-) -> tuple[torch.Tensor, Any]:
+    lm: Any, ids: torch.Tensor, mask: torch.Tensor, cache: tuple[str, Any] | None
+) -> tuple[torch.Tensor, tuple[str, Any]]:
     """Run the new tokens `ids` after `cache`; next-token logits and cache.
+
+    The cache is passed back under the name the model returned it with:
+    ``cache`` (transformers >= 5.x) or ``past_key_values``.
 
     Returns
     -------
     logits : torch.Tensor
         `(batch, V)` at the last position.
-    cache : Any
-        The model's ``past_key_values``.
+    cache : tuple[str, Any]
+        The keyword and the model's key-value cache.
 
     Raises
     ------
@@ -110,20 +114,19 @@ def _lm_step(
         If the model does not follow transformers' causal-LM call protocol.
     """
     pos = (mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1] :]
+    past = {} if cache is None else {cache[0]: cache[1]}
     out = lm(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=pos,
-        past_key_values=cache,
-        use_cache=True,
+        input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **past
     )
-    if not hasattr(out, "logits") or not hasattr(out, "past_key_values"):
+    fields = getattr(out, "__dataclass_fields__", {})
+    name = next((n for n in CACHE_NAMES if n in fields), None)
+    if name is None or not hasattr(out, "logits"):
         raise TypeError(
             "generate needs a transformers causal LM (PEFT-wrapped or not) that "
-            "returns .logits and .past_key_values; got "
-            f"{type(out).__name__} from {type(lm).__name__}."
+            "returns .logits and its key-value cache (.cache or .past_key_values); "
+            f"got {type(out).__name__} from {type(lm).__name__}."
         )
-    return check_token_logits(out.logits)[:, -1], out.past_key_values
+    return check_token_logits(out.logits)[:, -1], (name, getattr(out, name))
 
 
 class LaplaceGeneration:
@@ -222,7 +225,7 @@ class LaplaceGeneration:
             (fewer if every row has stopped); mutual information when `K > 1`.
         """
         eos, pad = stop
-        caches: list[Any] = [None] * samples.shape[0]
+        caches: list[tuple[str, Any] | None] = [None] * samples.shape[0]
         new, out, ent, mi = ids, [], [], []
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for _ in range(max_new_tokens):
