@@ -187,9 +187,10 @@ class LoRAInterface(LoRAJacobians, LoRAKFAC, CurvatureInterface):
                 f"The model must return a (batch, outputs) tensor, got {shape}. "
                 "Wrap a causal LM so that it returns the logits of the answer tokens "
                 "at the last position (see laplace_lora_backend.llm), or a "
-                "sequence-classification model's `.logits`. (batch, tokens, vocab) "
-                "logits are fitted with K-FAC, the EF or the MC Fisher; their "
-                "predictives are la.next_token_predictive and la.generate."
+                "sequence-classification model's `.logits`. A causal LM's (batch, "
+                "tokens, vocab) logits: fit with the EF or MC Fisher, tune the prior "
+                "with optimize_prior_precision(trust_region=None) (marglik), predict "
+                "with la.next_token_predictive / la.generate."
             )
         return f
 

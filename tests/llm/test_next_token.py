@@ -178,3 +178,18 @@ def test_a_classifier_is_told_to_pass_the_causal_lm():
     x = {"input_ids": torch.randint(3, 40, (2, 4))}
     with pytest.raises(ValueError, match=r"\(batch, tokens, vocab\)"):
         la.next_token_predictive(x, "map")
+
+
+def test_prior_of_a_language_model_is_tuned_by_marglik():
+    la = lm_laplace(make_peft_causal_lm())
+    la.fit(make_loader(make_lm_batch(n=6, T=6, seed=1), batch_size=3))
+    before = la.log_marginal_likelihood().item()
+    # the trust region reads a classifier's predictive: the error says how
+    with pytest.raises(ValueError, match=r"trust_region=None"):
+        la.optimize_prior_precision()
+    # laplace-torch's scalar prior: marglik raises the evidence from prior 1
+    la.optimize_prior_precision(trust_region=None, prior_structure="scalar")
+    assert la.log_marginal_likelihood().item() > before
+    # the LoRA prior structure (the default) runs too
+    la.optimize_prior_precision(trust_region=None)
+    assert torch.isfinite(la.prior_precision).all()
