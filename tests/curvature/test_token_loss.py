@@ -13,6 +13,13 @@ from functools import partial
 
 import pytest
 import torch
+from helpers import (
+    lm_laplace,
+    make_lm_batch,
+    make_loader,
+    make_peft_causal_lm,
+    rel_err,
+)
 from torch.nn import functional as F
 
 import laplace_lora_backend as llb
@@ -21,13 +28,6 @@ from laplace_lora_backend.curvature.token_loss import (
     next_token_labels,
 )
 from laplace_lora_backend.hf_models import as_logits_model
-from tests.helpers import (
-    lm_laplace,
-    make_lm_batch,
-    make_loader,
-    make_peft_causal_lm,
-    rel_err,
-)
 
 
 def test_next_token_labels_shift_and_mask():

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from tests.helpers import lm_laplace, make_lm_batch, make_loader, make_peft_causal_lm
+from helpers import lm_laplace, make_lm_batch, make_loader, make_peft_causal_lm
 
 
 def _fit(model):

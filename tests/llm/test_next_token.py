@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from laplace import Laplace
-
-from tests.helpers import (
+from helpers import (
     lm_laplace,
     make_lm_batch,
     make_loader,
@@ -25,6 +23,7 @@ from tests.helpers import (
     make_peft_classifier,
     rel_err,
 )
+from laplace import Laplace
 
 
 @pytest.fixture(scope="module")
