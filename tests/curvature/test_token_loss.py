@@ -152,10 +152,11 @@ def _reference_ggn_output_factors(model, weights, batch):
 
 def test_mc_fisher_kron_averages_to_the_exact_ggn():
     """E[MC Fisher] = GGN for the output factors of K-FAC expand (one label
-    drawn independently per position). Measured errors fall as 1/sqrt(n)
-    (100: <= 0.25, 1600: <= 0.05); 1000 labels per position: < 0.1. A
-    GGN with cross-position terms (one pass per class over all positions at
-    once) is 0.4 away and fails."""
+    drawn independently per position). Measured largest relative error over
+    the factors, seed 0: 0.245 (100 labels), 0.12 (400), 0.061 (1000), 0.031
+    (4000), i.e. 1/sqrt(n); with 1000 labels the bound is 0.1. A GGN with
+    cross-position terms (one pass per class over all positions at once) is
+    about 0.4 away on the v_proj factors and fails."""
     model = make_peft_causal_lm()
     batch = make_lm_batch(n=2, T=4)
     weights = llb.find_lora_weights(model)
