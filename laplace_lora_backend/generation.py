@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from laplace_lora_backend.curvature.token_loss import checked_mask
+from laplace_lora_backend.hf_models import HFLogitsModel
 from laplace_lora_backend.next_token import check_token_logits
 from laplace_lora_backend.uncertainty import SoftmaxAverage, entropy
 
@@ -176,11 +177,22 @@ class LaplaceGeneration:
         Returns
         -------
         GenerationOutput
-        """
+
+        Raises
+        ------
+        TypeError
+            If the posterior's model is not a transformers causal LM.
+        """  # noqa: DOC502 (ValueError: raised by _check_generate)
         input_ids, attention_mask = self._check_generate(
             input_ids, attention_mask, max_new_tokens, mode, n_samples, temperature
         )
-        lm = getattr(self.model, "model", self.model)  # inside `HFLogitsModel`
+        if not isinstance(self.model, HFLogitsModel):
+            raise TypeError(
+                "generate needs a transformers causal LM (PEFT-wrapped or not) "
+                "passed to Laplace as is; this posterior's model is a "
+                f"{type(self.model).__name__}."
+            )
+        lm = self.model.model
         pick = lambda p: _pick(p, do_sample, temperature, generator)  # noqa: E731
         stop = (eos_token_id, pad_token_id)
         with self._restoring_lora_weights(), torch.no_grad():

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import lm_laplace, make_lm_batch, make_loader, make_peft_causal_lm
+from helpers import (
+    lm_laplace,
+    make_lm_batch,
+    make_loader,
+    make_peft_causal_lm,
+    make_peft_classifier,
+)
+from laplace import Laplace
 
 
 def _fit(model):
@@ -195,3 +202,14 @@ def test_bad_input_ids_are_named(la):
         la.generate(PROMPT[0])
     with pytest.raises(TypeError, match="integer tensor"):
         la.generate(PROMPT.float())
+
+
+def test_a_model_that_is_not_a_causal_lm_is_named():
+    la = Laplace(
+        make_peft_classifier("llama"),
+        "classification",
+        subset_of_weights="lora",
+        hessian_structure="diag",
+    )
+    with pytest.raises(TypeError, match="LastTokenHead"):
+        la.generate(PROMPT, max_new_tokens=2)
