@@ -5,7 +5,9 @@ differences: the parameters are the `lora_A` / `lora_B` weights of the active
 adapters, selected by module (not by `requires_grad`), and the default backend
 is `LoRAGGN`. The structure classes are in `laplace_lora_backend.structures`.
 
-The predictives live in `laplace_lora_backend.predictive`, prior tuning in
+The predictives live in `laplace_lora_backend.predictive` (next-token
+predictives of causal LMs in `laplace_lora_backend.next_token`, ``generate``
+in `laplace_lora_backend.generation`), prior tuning in
 `laplace_lora_backend.prior`, the prior precision's checks in
 `laplace_lora_backend.lora_prior`, the fitted / unfitted contract and
 `state_dict` in `laplace_lora_backend.fitted_state`, input checks in
@@ -34,8 +36,10 @@ from laplace_lora_backend.distributed import (
     without_sampler_padding,
 )
 from laplace_lora_backend.fitted_state import FittedState
+from laplace_lora_backend.generation import LaplaceGeneration
 from laplace_lora_backend.hf_models import as_logits_model
 from laplace_lora_backend.lora_prior import LoRAPrior
+from laplace_lora_backend.next_token import NextTokenPredictive
 from laplace_lora_backend.predictive import LoRAPredictive
 from laplace_lora_backend.prior import PriorTuning
 from laplace_lora_backend.prior_validation import PriorChoice
@@ -57,7 +61,14 @@ _EMPTY_LOADER = "train_loader is empty: fit needs at least one batch of training
 
 
 class LoRALaplace(
-    LoRAPrior, FittedState, PriorTuning, LoRAPredictive, PosteriorIO, ParametricLaplace
+    LoRAPrior,
+    FittedState,
+    PriorTuning,
+    NextTokenPredictive,
+    LaplaceGeneration,
+    LoRAPredictive,
+    PosteriorIO,
+    ParametricLaplace,
 ):
     """Base of the LoRA Laplace classes: laplace-torch's, over the LoRA weights.
 

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PredictiveUncertainty", "entropy", "uncertainty_from_samples"]
+__all__ = [
+    "PredictiveUncertainty",
+    "SoftmaxAverage",
+    "entropy",
+    "mutual_information",
+    "uncertainty_from_samples",
+]
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -27,6 +33,79 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
         `probs.shape[:-1]`.
     """
     return -torch.special.xlogy(probs, probs).sum(-1)
+
+
+def mutual_information(
+    probs: torch.Tensor, expected_entropy: torch.Tensor
+) -> torch.Tensor:
+    """``H[probs] - expected_entropy``, clamped at 0 (rounding).
+
+    Parameters
+    ----------
+    probs : torch.Tensor
+        `(..., C)` the model-averaged probabilities ``E_f[softmax(f)]``.
+    expected_entropy : torch.Tensor
+        `probs.shape[:-1]`: ``E_f[H[softmax(f)]]`` over the same samples.
+
+    Returns
+    -------
+    torch.Tensor
+        `probs.shape[:-1]`.
+    """
+    return (entropy(probs) - expected_entropy).clamp_min(0)
+
+
+class SoftmaxAverage:
+    """Running Bayesian model average of softmaxes, and of their entropies.
+
+    Adds one sample's logits at a time, so that memory holds two tensors of
+    the logits' shape whatever the number of samples (a whole vocabulary at
+    every position of a batch, `(batch, tokens, V)`).
+
+    Parameters
+    ----------
+    dtype : torch.dtype, optional
+        Accumulation dtype; default: the logits' dtype, at least float32.
+    """
+
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
+        self.dtype = dtype
+        self.n = 0
+        self._probs: torch.Tensor | None = None
+        self._entropy: torch.Tensor | None = None
+
+    def add(self, logits: torch.Tensor) -> None:
+        """Add one sample's logits `(..., C)`."""
+        dtype = self.dtype or torch.promote_types(logits.dtype, torch.float32)
+        p = logits.detach().to(dtype).softmax(-1)
+        if self._probs is None:
+            self._probs, self._entropy = p, entropy(p)
+        else:
+            self._probs += p
+            self._entropy += entropy(p)
+        self.n += 1
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The average and its uncertainty.
+
+        Returns
+        -------
+        probs : torch.Tensor
+            `(..., C)` ``mean_k softmax(f_k)``.
+        expected_entropy : torch.Tensor
+            `(...)` ``mean_k H[softmax(f_k)]`` (aleatoric).
+        mutual_information : torch.Tensor
+            `(...)` ``H[probs] - expected_entropy`` (epistemic).
+
+        Raises
+        ------
+        ValueError
+            If no sample was added.
+        """
+        if self._probs is None or self._entropy is None:
+            raise ValueError("SoftmaxAverage.result() needs at least one sample.")
+        probs, expected = self._probs / self.n, self._entropy / self.n
+        return probs, expected, mutual_information(probs, expected)
 
 
 @dataclass
@@ -87,7 +166,7 @@ def uncertainty_from_samples(
         )
     p = samples.softmax(-1)
     expected = entropy(p).mean(0)
-    mutual = (entropy(p.mean(0)) - expected).clamp_min(0)
+    mutual = mutual_information(p.mean(0), expected)
     return PredictiveUncertainty(
         probs=probs,
         logit_mean=logit_mean,

@@ -8,10 +8,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch
+from laplace import Laplace
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from laplace_lora_backend import LoRAEF
+from laplace_lora_backend.curvature.token_loss import next_token_labels
 
 torch.set_num_threads(1)
 
@@ -48,11 +52,11 @@ class LastTokenHead(nn.Module):
         return out.logits[:, -1, : self.n_out]
 
 
-def make_lm(arch: str, seed: int = 0) -> nn.Module:
+def make_lm(arch: str, seed: int = 0, vocab: int = VOCAB) -> nn.Module:
     torch.manual_seed(seed)
     if arch == "llama":
         cfg = LlamaConfig(
-            vocab_size=VOCAB,
+            vocab_size=vocab,
             hidden_size=32,
             intermediate_size=48,
             num_hidden_layers=2,
@@ -65,7 +69,7 @@ def make_lm(arch: str, seed: int = 0) -> nn.Module:
         targets = ["q_proj", "v_proj"]
     elif arch == "gpt2":
         cfg = GPT2Config(
-            vocab_size=VOCAB,
+            vocab_size=vocab,
             n_embd=32,
             n_layer=2,
             n_head=4,
@@ -91,20 +95,59 @@ def make_peft_classifier(
 ) -> nn.Module:
     """Tiny PEFT LoRA classifier in float64 with non-zero LoRA B weights."""
     lm, default_targets = make_lm(arch, seed)
-    cfg = LoraConfig(
-        r=r,
-        lora_alpha=2 * r,
-        target_modules=targets or default_targets,
-        lora_dropout=0.0,
-    )
+    peft_model = _with_lora(lm, seed, r, targets or default_targets)
+    model = LastTokenHead(peft_model, n_out).double().eval()
+    return model
+
+
+def _with_lora(lm: nn.Module, seed: int, r: int, targets: list[str]) -> nn.Module:
+    """PEFT LoRA (no dropout) on `targets`, with LoRA B weights drawn N(0, 0.3^2)."""
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0)
     peft_model = get_peft_model(lm, cfg)
     torch.manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.3)
-    model = LastTokenHead(peft_model, n_out).double().eval()
-    return model
+    return peft_model
+
+
+def make_peft_causal_lm(
+    seed: int = 0, r: int = 2, targets: list[str] | None = None, vocab: int = 64
+) -> nn.Module:
+    """Tiny PEFT LoRA Llama causal LM (float64, eager attention, vocabulary 64)
+    with non-zero LoRA B weights; called as ``model(**batch).logits``."""
+    lm, default_targets = make_lm("llama", seed, vocab=vocab)
+    return _with_lora(lm, seed, r, targets or default_targets).double().eval()
+
+
+def lm_laplace(model: nn.Module, hessian_structure: str = "kron", **kwargs):
+    """Unfitted LoRA Laplace of a causal LM with the empirical Fisher."""
+    return Laplace(
+        model,
+        "classification",
+        subset_of_weights="lora",
+        hessian_structure=hessian_structure,
+        backend=LoRAEF,
+        **kwargs,
+    )
+
+
+def make_lm_batch(n: int = 4, T: int = 6, seed: int = 0, vocab: int = 64):
+    """Dict batch with right padding (example i has i % 3 padding tokens) and
+    next-token labels aligned with the logits. (Left padding in float64 makes
+    transformers' eager mask overflow to NaN on the padding rows.)"""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n, T), generator=g)
+    mask = torch.ones(n, T, dtype=torch.long)
+    for i in range(n):
+        mask[i, T - i % 3 :] = 0
+        ids[i, T - i % 3 :] = 0
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": next_token_labels(ids, mask),
+    }
 
 
 def make_batch(

@@ -37,6 +37,8 @@ LAYERS = {
     "distributed": 3,
     "prior": 4,
     "predictive": 3,
+    "next_token": 3,
+    "generation": 4,
     "serialization": 3,
     "lora_prior": 3,
     "fitted_state": 3,

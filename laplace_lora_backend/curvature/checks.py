@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from laplace.utils import Likelihood
 
+from laplace_lora_backend.curvature.token_loss import IGNORE_INDEX
 from laplace_lora_backend.errors import NonFiniteError
 
 __all__ = ["check_targets", "check_finite", "first_non_finite"]
@@ -22,8 +23,9 @@ def check_targets(y: torch.Tensor, n_outputs: int | None, likelihood: str) -> No
     Parameters
     ----------
     y : torch.Tensor
-        Class indices `(batch,)` or class probabilities `(batch, C)`
-        (classification), or `(batch, C)` targets (regression).
+        Class indices `(batch,)`, next-token ids `(batch, tokens)` (-100
+        where none) or class probabilities `(batch, C)` (classification), or
+        `(batch, C)` targets (regression).
     n_outputs : int or None
         `C`; `None` skips the range check.
     likelihood : {'classification', 'regression'}
@@ -58,11 +60,13 @@ def check_targets(y: torch.Tensor, n_outputs: int | None, likelihood: str) -> No
         raise TypeError(
             f"Classification targets must be int64 class indices, got {y.dtype}."
         )
-    if y.ndim != 1:
+    if y.ndim not in (1, 2):
         raise ValueError(
-            f"Classification targets must be class indices of shape (batch,), got "
-            f"{tuple(y.shape)}."
+            f"Classification targets must be class indices of shape (batch,), or "
+            f"(batch, tokens) next-token ids, got {tuple(y.shape)}."
         )
+    if y.ndim == 2:  # next-token ids: IGNORE_INDEX (-100) where there is none
+        y = y[y != IGNORE_INDEX]
     if n_outputs is None or y.numel() == 0:
         return
     lo, hi = int(y.min()), int(y.max())

@@ -192,7 +192,7 @@ class LoRAJacobians:
         """
         with torch.enable_grad(), grad_enabled(self.lora_weights):
             with self._recorder(x, keep_outputs=True) as rec:
-                f = self._forward(x)
+                f = self._forward(x, tokens=True)
                 inputs = self._checked_inputs(rec, f)
                 loss = self._loss(f, y)
                 Gs = self._per_example_gradients(loss, list(rec.outputs), inputs)

@@ -20,6 +20,7 @@ from laplace_lora_backend.curvature.checks import check_finite
 from laplace_lora_backend.curvature.discovery import grad_enabled
 from laplace_lora_backend.curvature.factors import DenseFactor, LowRankAccumulator
 from laplace_lora_backend.curvature.jacobians import Batch
+from laplace_lora_backend.curvature.token_loss import target_mask
 from laplace_lora_backend.curvature.tokens import (
     KFACApprox,
     parse_kfac_approx,
@@ -73,11 +74,28 @@ class LoRAKFAC:
             self.lowrank,
         )
 
-    def _mask(self, x: Batch) -> torch.Tensor | None:
-        if self.mask_key is None or not isinstance(x, MutableMapping):
-            return None
-        mask = x.get(self.mask_key)
-        return None if mask is None else torch.as_tensor(mask)
+    def _mask(self, x: Batch, y: torch.Tensor | None = None) -> torch.Tensor | None:
+        """`(batch, tokens)` mask of the token rows, or None (all count).
+
+        The attention mask (`mask_key`); with `(batch, tokens)` next-token
+        targets, only positions with a target count (a token is a sample:
+        an input and its next token).
+
+        Returns
+        -------
+        torch.Tensor or None
+        """
+        mask = None
+        if self.mask_key is not None and isinstance(x, MutableMapping):
+            mask = x.get(self.mask_key)
+            mask = None if mask is None else torch.as_tensor(mask)
+        if y is not None and y.ndim == 2 and not y.is_floating_point():
+            has_target = target_mask(y)
+            if mask is None:
+                mask = has_target
+            elif mask.shape == has_target.shape:  # else: the loss raises
+                mask = mask.bool() & has_target
+        return mask
 
     def _backward(self, scalar: torch.Tensor, retain_graph: bool) -> None:
         torch.autograd.grad(
@@ -94,7 +112,9 @@ class LoRAKFAC:
         x : torch.Tensor or MutableMapping
             Batch on the model's device.
         y : torch.Tensor
-            Targets `(batch,)` (classification) or `(batch, outputs)`.
+            Targets `(batch,)` (classification) or `(batch, outputs)`; for
+            `(batch, tokens, vocab)` logits, `(batch, tokens)` next-token ids
+            (`laplace_lora_backend.curvature.token_loss`).
         N : int
             Data set size.
         **kwargs
@@ -112,10 +132,10 @@ class LoRAKFAC:
             wide factors are `LowRankFactor` if `lowrank_threshold` is set).
         """
         approx = parse_kfac_approx(kwargs.get("kfac_approx", self.kfac_approx))
-        mask = self._mask(x)
+        mask = self._mask(x, y)
         with torch.enable_grad(), grad_enabled(self.lora_weights):
             with self._recorder(x) as rec:
-                f = self._forward(x)
+                f = self._forward(x, tokens=True)
                 inputs = self._checked_inputs(rec, f)
                 in_factors = self._input_factors(inputs, mask, approx)
                 out_factors = [

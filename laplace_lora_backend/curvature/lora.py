@@ -44,6 +44,12 @@ from laplace_lora_backend.curvature.discovery import (
 from laplace_lora_backend.curvature.hooks import ActivationRecorder
 from laplace_lora_backend.curvature.jacobians import Batch, LoRAJacobians
 from laplace_lora_backend.curvature.kfac import LoRAKFAC
+from laplace_lora_backend.curvature.token_loss import (
+    EXACT_GGN_OF_TOKENS,
+    check_index_rank,
+    sample_token_labels,
+    token_cross_entropy,
+)
 from laplace_lora_backend.curvature.tokens import KFACApprox, parse_kfac_approx
 from laplace_lora_backend.matrix import LowRankResidual
 from laplace_lora_backend.matrix.lowrank_options import LowRankOptions
@@ -169,15 +175,22 @@ class LoRAInterface(LoRAJacobians, LoRAKFAC, CurvatureInterface):
         tokens = ref.ndim == 3 or (ref.ndim == 2 and not ref.is_floating_point())
         return ref.shape[0], ref.shape[1] if tokens else None
 
-    def _forward(self, x: Batch, features: bool = False) -> torch.Tensor:
+    def _forward(
+        self, x: Batch, features: bool = False, tokens: bool = False
+    ) -> torch.Tensor:
+        # (batch, outputs); with `tokens` also (batch, tokens, vocab) LM logits
         f = self.model.forward_features(x) if features else self.model(x)
-        if not isinstance(f, torch.Tensor) or f.ndim != 2:
+        ok = isinstance(f, torch.Tensor) and (f.ndim == 2 or (tokens and f.ndim == 3))
+        if not ok:
             shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
             raise ValueError(
                 f"The model must return a (batch, outputs) tensor, got {shape}. "
                 "Wrap a causal LM so that it returns the logits of the answer tokens "
                 "at the last position (see laplace_lora_backend.llm), or a "
-                "sequence-classification model's `.logits`."
+                "sequence-classification model's `.logits`. A causal LM's (batch, "
+                "tokens, vocab) logits: fit with the EF or MC Fisher, tune the prior "
+                "with optimize_prior_precision(trust_region=None) (marglik), predict "
+                "with la.next_token_predictive / la.generate."
             )
         return f
 
@@ -209,6 +222,9 @@ class LoRAInterface(LoRAJacobians, LoRAKFAC, CurvatureInterface):
             Scalar.
         """
         check_targets(y, f.shape[-1], self.likelihood)
+        check_index_rank(f, y)
+        if f.ndim == 3:  # next-token logits: summed over positions with a target
+            return token_cross_entropy(f.to(self.compute_dtype), y)
         if y.is_floating_point():  # regression / soft targets in the same dtype
             y = y.to(self.compute_dtype)
         return self.lossfunc(f.to(self.compute_dtype), y)
@@ -285,10 +301,14 @@ class LoRAGGN(LoRAInterface, GGNInterface):
                     if self.likelihood == Likelihood.REGRESSION:
                         # N(y | f, 1/2) is the distribution of MSELoss(sum)
                         y_s = f + math.sqrt(0.5) * torch.randn_like(f)
+                    elif f.ndim == 3:  # one label per position with a target
+                        y_s = sample_token_labels(f, y)
                     else:
                         y_s = torch.multinomial(f.softmax(-1), 1).squeeze(-1)
                 yield self._loss(f, y_s), 1.0 / n
             return
+        if f.ndim == 3:
+            raise ValueError(EXACT_GGN_OF_TOKENS)
         with torch.no_grad():
             sqrt_h = self._loss_hessian_sqrt(f)  # (batch, C, C)
         for c in range(f.shape[1]):
@@ -314,7 +334,7 @@ class LoRAGGN(LoRAInterface, GGNInterface):
             return super().diag(x, y, **kwargs)
         with torch.enable_grad(), grad_enabled(self.lora_weights):
             with self._recorder(x, keep_outputs=True) as rec:
-                f = self._forward(x)
+                f = self._forward(x, tokens=True)
                 inputs = self._checked_inputs(rec, f)
                 loss = self._loss(f, y)
                 passes = list(

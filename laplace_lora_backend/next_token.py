@@ -1,0 +1,272 @@
+r"""Bayesian next-token predictive of a causal LM over its whole vocabulary.
+
+For a model returning `(batch, tokens, V)` logits (a transformers causal LM,
+PEFT-wrapped, as `HFLogitsModel` calls it) the predictive of the next token at
+EVERY position is a model average of softmaxes over `K` posterior samples:
+
+- ``pred_type="nn"`` (sampling): ``mean_k softmax(f(x; theta_k))`` with LoRA
+  weights ``theta_k ~ N(theta*, Sigma)``, copied in and restored bit for bit
+  (`LoRAPredictive._sampled_outputs`): `K` forward passes.
+- ``pred_type="glm"`` (linearised): the GLM predictive
+  ``E[softmax(f_lin)]``, ``f_lin = f(x; theta*) + J (theta_k - theta*)``,
+  where `J` is the Jacobian of all `tokens x V` logits w.r.t. the LoRA
+  weights. Its exact form is a Gaussian over the logits with covariance
+  ``J Sigma J^T`` of side `tokens * V` (``49152 * T`` for SmolLM2): neither
+  it nor `J` (one backward pass per output) can be formed. Instead every
+  ``J delta_k``, ``delta_k = theta_k - theta*``, is ONE forward-mode
+  Jacobian-vector product (`torch.func.jvp`) along a posterior draw: an
+  exact sample of ``N(0, J Sigma J^T)``, jointly over all positions and the
+  whole vocabulary (``(1/K) sum_k (J delta_k)(J delta_k)^T`` is an unbiased
+  rank-`K` Monte-Carlo factor of ``J Sigma J^T``). The softmax average over
+  the `K` samples is then the usual MC estimate of the GLM predictive. No
+  probit / diagonal shortcut is used: those need the `tokens * V`
+  variances, i.e. `tokens * V` backward passes. Cost: `K` JVPs, each about
+  two forward passes (the primal and the tangent); with ``chunk_size=K``
+  they are vectorised (`torch.func.vmap`) and share one primal pass: about
+  ``K + 2`` forward passes, at `K` tangent logit tensors of memory.
+- ``pred_type="map"``: the MAP softmax (one pass; zero mutual information).
+
+Memory: the running average (`SoftmaxAverage`) holds the average and the
+current sample's logits, `(batch, tokens, V)` each, whatever `K`; no
+Jacobian and no covariance of the logits is ever formed. The posterior
+samples themselves, `(K, P)`, come from laplace-torch's `sample`.
+
+Per-token uncertainty (`laplace_lora_backend.uncertainty`): the predictive
+entropy, its aleatoric part ``mean_k H[softmax(f_k)]`` and the mutual
+information (epistemic) at every position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from laplace_lora_backend.curvature.token_loss import target_mask
+from laplace_lora_backend.uncertainty import SoftmaxAverage, entropy
+
+__all__ = ["NextTokenPredictive", "TokenPredictive", "check_token_logits"]
+
+PRED_TYPES = ("nn", "glm", "map")
+
+
+@dataclass
+class TokenPredictive:
+    """Next-token predictive at every position, with its uncertainty.
+
+    Attributes
+    ----------
+    probs : torch.Tensor
+        `(batch, tokens, V)`: the distribution of the token at ``t + 1``.
+    entropy : torch.Tensor
+        `(batch, tokens)` predictive entropy (nats).
+    expected_entropy : torch.Tensor
+        `(batch, tokens)` aleatoric part.
+    mutual_information : torch.Tensor
+        `(batch, tokens)` epistemic part (0 for the MAP).
+    """
+
+    probs: torch.Tensor
+    entropy: torch.Tensor
+    expected_entropy: torch.Tensor
+    mutual_information: torch.Tensor
+
+    def target_log_probs(self, labels: torch.Tensor) -> torch.Tensor:
+        """Log predictive probability of each target token.
+
+        Parameters
+        ----------
+        labels : torch.Tensor
+            `(batch, tokens)` next-token ids aligned with the positions
+            (`next_token_labels`), -100 where none.
+
+        Returns
+        -------
+        torch.Tensor
+            `(batch, tokens)`; 0 where there is no target.
+
+        Raises
+        ------
+        ValueError
+            If `labels` is not `(batch, tokens)`.
+        """
+        if labels.shape != self.probs.shape[:2]:
+            raise ValueError(
+                f"labels {tuple(labels.shape)} must be (batch, tokens) = "
+                f"{tuple(self.probs.shape[:2])}: next_token_labels(input_ids, mask)."
+            )
+        has = target_mask(labels)
+        idx = torch.where(has, labels, 0).long().unsqueeze(-1)
+        p = self.probs.gather(-1, idx.to(self.probs.device)).squeeze(-1)
+        return torch.where(has.to(p.device), p.clamp_min(1e-300).log(), 0.0)
+
+
+def check_token_logits(f: Any) -> torch.Tensor:
+    """The model's output, which must be `(batch, tokens, V)` logits.
+
+    Returns
+    -------
+    torch.Tensor
+
+    Raises
+    ------
+    ValueError
+        For any other output.
+    """
+    if not isinstance(f, torch.Tensor) or f.ndim != 3:
+        shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+        raise ValueError(
+            f"The next-token predictive needs a causal LM returning (batch, tokens, "
+            f"vocab) logits, got {shape}. Pass the PEFT causal LM itself to Laplace "
+            "(not an AnswerTokenClassifier), or use la(x) for classification."
+        )
+    return f
+
+
+class NextTokenPredictive:
+    """`next_token_predictive`: a mixin of `LoRALaplace`.
+
+    Uses the host's `model`, `params`, `lora_weights`, `mean`, `sample`,
+    `_check_prediction_input`, `_sampled_outputs` and `_device`.
+    """
+
+    def next_token_predictive(
+        self,
+        x: Any,
+        pred_type: str = "nn",
+        n_samples: int = 10,
+        generator: torch.Generator | None = None,
+        chunk_size: int = 1,
+    ) -> TokenPredictive:
+        """The Bayesian next-token predictive at every position of a batch.
+
+        Parameters
+        ----------
+        x : torch.Tensor or MutableMapping
+            `(batch, tokens)` input ids, or a dict batch (``input_ids``,
+            ``attention_mask``; labels are ignored).
+        pred_type : {'nn', 'glm', 'map'}, default='nn'
+            Weight sampling, the linearised (GLM) predictive by forward-mode
+            JVPs, or the MAP (see the module docstring).
+        n_samples : int, default=10
+            Posterior samples `K`.
+        generator : torch.Generator, optional
+            For the posterior samples.
+        chunk_size : int, default=1
+            ``"glm"``: directions per vectorised JVP. 1 holds one tangent
+            logit tensor (about ``2 K`` forward passes); `K` shares the primal
+            pass (about ``K + 2``) at `K` logit tensors of memory.
+
+        Returns
+        -------
+        TokenPredictive
+
+        Raises
+        ------
+        ValueError
+            For an unknown `pred_type`, `n_samples < 1`, or a model that
+            does not return `(batch, tokens, V)` logits.
+        """
+        if pred_type not in PRED_TYPES:
+            raise ValueError(
+                f"pred_type must be one of {PRED_TYPES} (sampling, linearised, MAP), "
+                f"got {pred_type!r}."
+            )
+        if int(n_samples) < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
+        self._check_prediction_input(x)
+        x = x.to(self._device) if isinstance(x, torch.Tensor) else x
+        if pred_type == "map":
+            with torch.no_grad():
+                samples: Iterator[torch.Tensor] = iter([self.model(x)])
+        elif pred_type == "nn":
+            samples = self._sampled_outputs(x, int(n_samples), generator)
+        else:
+            samples = self.linearised_logits(x, int(n_samples), generator, chunk_size)
+        average = SoftmaxAverage()
+        for f in samples:
+            average.add(check_token_logits(f))
+        probs, expected, mutual = average.result()
+        return TokenPredictive(probs, entropy(probs), expected, mutual)
+
+    def linearised_logits(
+        self,
+        x: Any,
+        n_samples: int,
+        generator: torch.Generator | None = None,
+        chunk_size: int = 1,
+    ) -> Iterator[torch.Tensor]:
+        """Samples of the linearised logits ``f(x) + J (theta_k - theta*)``.
+
+        Forward-mode JVPs along the posterior draws, `chunk_size` at a time;
+        the model is not modified.
+
+        Parameters
+        ----------
+        x : torch.Tensor or MutableMapping
+            A batch on the model's device.
+        n_samples : int
+        generator : torch.Generator, optional
+        chunk_size : int, default=1
+            Directions per JVP (see `logits_and_jvp`).
+
+        Yields
+        ------
+        torch.Tensor
+            The model's output shape, e.g. `(batch, tokens, V)`.
+        """
+        deltas = self.sample(n_samples, generator) - self.mean
+        for chunk in deltas.split(max(1, int(chunk_size))):
+            f, jvps = self.logits_and_jvp(x, chunk)
+            for jvp in jvps:
+                yield f + jvp
+
+    def logits_and_jvp(
+        self, x: Any, directions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's outputs and their derivatives along `directions`.
+
+        One direction: one JVP (`torch.func.jvp`), about two forward passes.
+        `c` directions: one JVP vectorised over them (`torch.func.vmap`):
+        the primal is computed once, so `K` directions in one chunk cost
+        about ``K + 1`` forward passes, at `c` times the memory of the
+        tangents (`c` logit tensors).
+
+        Parameters
+        ----------
+        x : torch.Tensor or MutableMapping
+            A batch on the model's device.
+        directions : torch.Tensor
+            `(P,)` or `(c, P)` directions in the LoRA weights (the order of
+            `params`).
+
+        Returns
+        -------
+        f : torch.Tensor
+            The outputs at the MAP, e.g. `(batch, tokens, V)`.
+        jvp : torch.Tensor
+            ``J direction``: the shape of `f`, or `(c, *f.shape)`.
+        """
+        names = [w.name for w in self.lora_weights]
+        chunks = directions.split([p.numel() for p in self.params], dim=-1)
+        tangents = tuple(
+            c.reshape(*directions.shape[:-1], *p.shape).to(p.device, p.dtype)
+            for c, p in zip(chunks, self.params, strict=True)
+        )
+        primals = tuple(p.detach() for p in self.params)
+
+        def forward(*weights: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(
+                self.model, dict(zip(names, weights, strict=True)), (x,)
+            )
+
+        def jvp(*t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.func.jvp(forward, primals, t)
+
+        with torch.no_grad():
+            if directions.ndim == 1:
+                return jvp(*tangents)
+            f, jvps = torch.func.vmap(jvp, out_dims=(None, 0))(*tangents)
+        return f, jvps

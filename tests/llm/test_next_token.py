@@ -1,0 +1,194 @@
+"""Next-token predictive over the whole vocabulary at every position.
+
+Tiny random Llama (vocabulary 64, eager attention) with LoRA on q and v,
+posterior fitted on its next-token loss (K-FAC, EF). References:
+
+- sampling: the same posterior samples (same seed), put into the model by
+  `torch.func.functional_call` (the model is never modified there);
+- linearised: the dense Jacobian of all `batch x tokens x V` logits w.r.t.
+  the LoRA weights (`torch.func.jacrev`), the dense posterior covariance, and
+  the exact GLM predictive ``E softmax(f*, J Sigma J^T)`` by Monte Carlo over
+  the Gaussian of the logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import (
+    lm_laplace,
+    make_lm_batch,
+    make_loader,
+    make_peft_causal_lm,
+    make_peft_classifier,
+    rel_err,
+)
+from laplace import Laplace
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    model = make_peft_causal_lm()
+    train = make_lm_batch(n=6, T=6, seed=1)
+    la = lm_laplace(model, prior_precision=4.0)
+    la.fit(make_loader(train, batch_size=3))
+    test = make_lm_batch(n=2, T=4, seed=2)
+    return la, test
+
+
+def _weights(la, vector):
+    chunks = vector.split([p.numel() for p in la.params])
+    return {
+        w.name: c.view_as(w.param) for w, c in zip(la.lora_weights, chunks, strict=True)
+    }
+
+
+def test_sampling_predictive_equals_explicit_weight_samples(fitted):
+    la, x = fitted
+    before = [p.detach().clone() for p in la.params]
+    K = 5
+    got = la.next_token_predictive(
+        x, "nn", n_samples=K, generator=torch.Generator().manual_seed(3)
+    )
+    samples = la.sample(K, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        probs = torch.stack(
+            [
+                torch.func.functional_call(la.model, _weights(la, s), (x,)).softmax(-1)
+                for s in samples
+            ]
+        )
+    mean = probs.mean(0)
+    assert got.probs.shape == (2, 4, 64)
+    assert rel_err(got.probs, mean) < 1e-12
+    H = lambda p: -(p * p.log()).sum(-1)  # noqa: E731
+    assert rel_err(got.entropy, H(mean)) < 1e-12
+    assert rel_err(got.mutual_information, H(mean) - H(probs).mean(0)) < 1e-10
+    assert (got.mutual_information > 0).all()
+    for p, b in zip(la.params, before, strict=True):
+        assert torch.equal(p, b)  # MAP weights restored bit for bit
+
+
+def _dense_jacobian(la, x):
+    """`(batch, tokens, V, P)` Jacobian of all logits and the MAP logits."""
+    params = {w.name: w.param.detach() for w in la.lora_weights}
+
+    def f(p):
+        return torch.func.functional_call(la.model, p, (x,))
+
+    jac = torch.func.jacrev(f)(params)
+    with torch.no_grad():
+        out = f(params)
+    return torch.cat([jac[w.name].flatten(3) for w in la.lora_weights], -1), out
+
+
+def test_jvp_along_a_direction_equals_dense_jacobian_times_it(fitted):
+    la, x = fitted
+    J, f_map = _dense_jacobian(la, x)
+    delta = torch.randn(la.n_params, generator=torch.Generator().manual_seed(0))
+    f, jvp = la.logits_and_jvp(x, delta.double())
+    assert rel_err(f, f_map) < 1e-12
+    # forward vs reverse mode through Llama's RMSNorm, which computes in
+    # float32 even for a float64 model: agreement to float32 precision
+    assert rel_err(jvp, J @ delta.double()) < 1e-6
+    # several directions in one vectorised JVP
+    deltas = torch.randn(3, la.n_params, generator=torch.Generator().manual_seed(1))
+    f3, jvps = la.logits_and_jvp(x, deltas.double())
+    assert jvps.shape == (3, 2, 4, 64)
+    assert rel_err(f3, f_map) < 1e-12
+    assert rel_err(jvps, torch.einsum("btvp,cp->cbtv", J, deltas.double())) < 1e-6
+
+
+def test_chunked_linearised_predictive_equals_one_direction_at_a_time(fitted):
+    la, x = fitted
+    one, chunked = (
+        la.next_token_predictive(
+            x, "glm", 6, generator=torch.Generator().manual_seed(0), chunk_size=c
+        )
+        for c in (1, 4)
+    )
+    assert rel_err(chunked.probs, one.probs) < 1e-6
+    assert rel_err(chunked.mutual_information, one.mutual_information) < 1e-5
+
+
+def test_linearised_predictive_matches_exact_glm_predictive(fitted):
+    """MC tolerance: 5 standard errors of the difference of the two estimates,
+    entry by entry (512 entries), with the standard deviation of each softmax
+    entry under the exact Gaussian."""
+    la, x = fitted
+    J, f_map = _dense_jacobian(la, x)
+    Sigma = torch.linalg.inv(la.posterior_precision.to_matrix().double())
+    f_var = torch.einsum("btvp,pq,btwq->btvw", J, Sigma, J)
+    w, V = torch.linalg.eigh(f_var)
+    L = V * w.clamp_min(0).sqrt().unsqueeze(-2)
+    M, K = 20000, 300
+    z = torch.randn(M, *f_map.shape, generator=torch.Generator().manual_seed(1))
+    ref_samples = (f_map + torch.einsum("btvw,mbtw->mbtv", L, z.double())).softmax(-1)
+    ref, std = ref_samples.mean(0), ref_samples.std(0)
+    got = la.next_token_predictive(
+        x, "glm", n_samples=K, generator=torch.Generator().manual_seed(4)
+    )
+    tol = 5 * std * (1 / K + 1 / M) ** 0.5 + 1e-9
+    assert ((got.probs - ref).abs() <= tol).all()
+    # the tolerance discriminates: the MAP softmax and the sampling
+    # predictive (a different approximation) are outside it
+    assert not ((f_map.softmax(-1) - ref).abs() <= tol).all()
+    nn = la.next_token_predictive(
+        x, "nn", n_samples=K, generator=torch.Generator().manual_seed(4)
+    )
+    assert not ((nn.probs - ref).abs() <= tol).all()
+
+
+def test_map_predictive_has_no_epistemic_uncertainty(fitted):
+    la, x = fitted
+    got = la.next_token_predictive(x, "map")
+    with torch.no_grad():
+        expected = la.model(x).softmax(-1)
+    assert torch.equal(got.probs, expected)
+    assert torch.equal(got.mutual_information, torch.zeros_like(got.entropy))
+
+
+def test_target_log_probs_read_the_next_tokens(fitted):
+    la, x = fitted
+    got = la.next_token_predictive(x, "map")
+    lp = got.target_log_probs(x["labels"])
+    has = x["labels"] != -100
+    idx = x["labels"].clamp_min(0)[..., None]
+    expected = got.probs.gather(-1, idx).squeeze(-1).log()
+    assert torch.equal(lp[has], expected[has])
+    assert (lp[~has] == 0).all()
+    with pytest.raises(ValueError, match="next_token_labels"):
+        got.target_log_probs(x["labels"][:, :2])
+
+
+def test_bad_arguments_are_named(fitted):
+    la, x = fitted
+    with pytest.raises(ValueError, match="pred_type"):
+        la.next_token_predictive(x, "probit")
+    with pytest.raises(ValueError, match="n_samples"):
+        la.next_token_predictive(x, "nn", n_samples=0)
+
+
+def test_a_classifier_is_told_to_pass_the_causal_lm():
+    model = make_peft_classifier("llama")
+    la = Laplace(
+        model, "classification", subset_of_weights="lora", hessian_structure="diag"
+    )
+    x = {"input_ids": torch.randint(3, 40, (2, 4))}
+    with pytest.raises(ValueError, match=r"\(batch, tokens, vocab\)"):
+        la.next_token_predictive(x, "map")
+
+
+def test_prior_of_a_language_model_is_tuned_by_marglik():
+    la = lm_laplace(make_peft_causal_lm())
+    la.fit(make_loader(make_lm_batch(n=6, T=6, seed=1), batch_size=3))
+    before = la.log_marginal_likelihood().item()
+    # the trust region reads a classifier's predictive: the error says how
+    with pytest.raises(ValueError, match=r"trust_region=None"):
+        la.optimize_prior_precision()
+    # laplace-torch's scalar prior: marglik raises the evidence from prior 1
+    la.optimize_prior_precision(trust_region=None, prior_structure="scalar")
+    assert la.log_marginal_likelihood().item() > before
+    # the LoRA prior structure (the default) runs too
+    la.optimize_prior_precision(trust_region=None)
+    assert torch.isfinite(la.prior_precision).all()
