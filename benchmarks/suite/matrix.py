@@ -9,12 +9,15 @@ ratios to a plain forward+backward (forward for the predictive), peak
 memory, factor memory, and agreement with ours where both compute the same
 quantity.
 
-The training set per cell is `TOKENS_PER_CELL` tokens (16 prompts of 48
-tokens, 6 of 128, 2 of 512: about 800 tokens), in batches of 2, so that the
-18 cells fit an afternoon on 2 CPU cores; the ratios, not the absolute
-times, are the result. The headline (`headline`): per cell and curvature
-type, whether ours is faster than every laplace-torch backend computing the
-same quantity, and the worst ratio of ours to the fastest of them.
+The training set per cell is about `TOKENS_PER_CELL` tokens (8 prompts of
+48 tokens, 2 of 128, 2 of 512), in batches of 2, so that the 18 cells fit an
+hour on 2 CPU cores; the ratios, not the absolute times, are the result.
+Subsets of the grid can run in separate processes (``--lengths``,
+``--placements``, ``--classes``, each with its own ``--output``) and be
+merged with ``python -m benchmarks.suite.matrix A.json B.json --output DIR``.
+The headline (`headline`): per cell and curvature type, whether ours is
+faster than every laplace-torch backend computing the same quantity, and
+the worst ratio of ours to the fastest of them.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from benchmarks.suite.suite import (
 )
 from benchmarks.suite.workloads import smollm2
 
-__all__ = ["MATRIX_CONTENDERS", "cells", "headline", "run_matrix"]
+__all__ = ["MATRIX_CONTENDERS", "cells", "headline", "merge", "run_matrix"]
 
 PLACEMENTS: dict[str, tuple[str, ...]] = {
     "q,v": ("q_proj", "v_proj"),
@@ -58,7 +61,7 @@ PLACEMENTS: dict[str, tuple[str, ...]] = {
 }
 LENGTHS = (48, 128, 512)
 DATASETS = {3: "drugreview", 5: "bbcnews"}
-TOKENS_PER_CELL = 800
+TOKENS_PER_CELL = 400
 BATCH = 2
 # curvature type -> (ours, laplace-torch backends computing the same K-FAC)
 COMPARISONS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -283,10 +286,67 @@ def run_matrix(
         "headline": {s: headline(rows, s) for s in ("fit_s", "predict_s")},
     }
     result["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
-    out_dir = Path(output)
+    _write(result, Path(output), "bench_matrix" + ("_gpu" if cuda else ""))
+    return result
+
+
+def _write(result: dict[str, Any], out_dir: Path, name: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = "bench_matrix" + ("_gpu" if cuda else "")
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2))
     (out_dir / f"{name}.md").write_text(to_markdown(result))
     print(to_markdown(result), file=sys.stderr)
+
+
+def merge(paths: list[str], output: str, name: str = "bench_matrix") -> dict:
+    """One result from the results of parts of the grid run separately.
+
+    Returns
+    -------
+    dict
+        The rows of every part in grid order, the headline recomputed, the
+        parts' commands and seconds in ``meta``.
+
+    Raises
+    ------
+    ValueError
+        If the parts differ in machine, device, threads or repeats.
+    """
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    same = ("machine", "torch", "device", "threads", "repeats")
+    for part in parts[1:]:
+        for key in same:
+            if part["meta"][key] != parts[0]["meta"][key]:
+                raise ValueError(
+                    f"Cannot merge {paths}: they differ in {key!r} "
+                    f"({part['meta'][key]!r} vs {parts[0]['meta'][key]!r})."
+                )
+    order = {
+        (c["placement"], c["tokens"], c["classes"]): i
+        for i, c in enumerate(cells(list(PLACEMENTS), list(LENGTHS), [3, 5]))
+    }
+    rows = sorted(
+        (r for p in parts for r in p["rows"]),
+        key=lambda r: order.get(
+            (r["cell"]["placement"], r["cell"]["tokens"], r["cell"]["classes"]), -1
+        ),
+    )
+    meta = dict(parts[0]["meta"])
+    meta["command"] = " + ".join(p["meta"]["command"] for p in parts)
+    meta["seconds"] = [p["meta"]["seconds"] for p in parts]
+    result = {
+        "meta": meta,
+        "rows": rows,
+        "headline": {s: headline(rows, s) for s in ("fit_s", "predict_s")},
+    }
+    _write(result, Path(output), name)
     return result
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Merge parts of the matrix.")
+    parser.add_argument("parts", nargs="+")
+    parser.add_argument("--output", default="benchmarks/results")
+    args = parser.parse_args()
+    merge(args.parts, args.output)
