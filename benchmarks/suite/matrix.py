@@ -23,8 +23,6 @@ the worst ratio of ours to the fastest of them.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import sys
 import time
 from functools import partial
@@ -34,7 +32,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.suite.measure import run_limited
+from benchmarks.suite.measure import run_limited, run_meta
 from benchmarks.suite.suite import (
     _address_limit,
     _agreement,
@@ -271,17 +269,9 @@ def run_matrix(
             out.append(res)
         _agreement(out)
         rows.append({"cell": cell, "cells": out})
+    command = command or "laplace-lora bench --matrix"
     result = {
-        "meta": {
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "torch": torch.__version__,
-            "device": device,
-            "threads": threads,
-            "repeats": repeats,
-            "per-cell limit (s)": limit_s,
-            "per-cell memory (GiB)": mem_gib,
-            "command": command or "laplace-lora bench --matrix",
-        },
+        "meta": run_meta(device, threads, repeats, limit_s, mem_gib, command),
         "rows": rows,
         "headline": {s: headline(rows, s) for s in ("fit_s", "predict_s")},
     }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import os
+import platform
 import statistics
 import threading
 import time
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "run_meta",
     "sync",
     "timed",
     "Timing",
@@ -24,6 +27,39 @@ __all__ = [
     "error_message",
     "run_limited",
 ]
+
+
+def run_meta(
+    device: str,
+    threads: int,
+    repeats: int,
+    limit_s: float,
+    mem_gib: float,
+    command: str,
+) -> dict[str, Any]:
+    """What a benchmark's result records about the machine and its settings.
+
+    Returns
+    -------
+    dict
+        ``machine`` (with the GPU's name on CUDA), ``torch``, ``device``,
+        ``threads``, ``repeats``, the per-cell limits and ``command``.
+    """
+    gpu = (
+        f", {torch.cuda.get_device_name()}"
+        if torch.device(device).type == "cuda"
+        else ""
+    )
+    return {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores{gpu}",
+        "torch": torch.__version__,
+        "device": device,
+        "threads": threads,
+        "repeats": repeats,
+        "per-cell limit (s)": limit_s,
+        "per-cell memory (GiB)": mem_gib,
+        "command": command,
+    }
 
 
 def sync() -> None:

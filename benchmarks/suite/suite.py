@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -47,6 +45,7 @@ from benchmarks.suite.measure import (
     peak_rss_bytes,
     rss_bytes,
     run_limited,
+    run_meta,
     timed_ratio,
 )
 from benchmarks.suite.workloads import (
@@ -769,22 +768,11 @@ def run_suite(
         width_names = WIDTH_CONTENDERS
     if smollm2_workload:
         workloads.append(smollm2)
-    gpu = (
-        f", {torch.cuda.get_device_name()}"
-        if torch.device(device).type == "cuda"
-        else ""
-    )
+    command = command or "laplace-lora bench " + " ".join(sys.argv[2:])
     result: dict[str, Any] = {
         "meta": {
             "mode": "quick" if quick else "full",
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores{gpu}",
-            "torch": torch.__version__,
-            "device": device,
-            "threads": threads,
-            "repeats": repeats,
-            "per-cell limit (s)": limit_s,
-            "per-cell memory (GiB)": mem_gib,
-            "command": command or "laplace-lora bench " + " ".join(sys.argv[2:]),
+            **run_meta(device, threads, repeats, limit_s, mem_gib, command),
         }
     }
     if "models" in sections:
