@@ -240,7 +240,7 @@ def run_matrix(
     command: str | None = None,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """Run the matrix; write ``bench_matrix[_gpu].{md,json}``.
+    """Run the matrix; write ``bench_matrix[_gpu].{md,json}`` after every cell.
 
     Each contender of each cell runs in a child process limited to 4 stages
     of `limit_s` and `mem_gib` of address space (none on CUDA); a failure or
@@ -257,34 +257,39 @@ def run_matrix(
     grid = cells(
         placements or list(PLACEMENTS), lengths or list(LENGTHS), classes or [3, 5]
     )
-    rows = []
+    command = command or "laplace-lora bench --matrix"
+    result: dict[str, Any] = {
+        "meta": run_meta(device, threads, repeats, limit_s, mem_gib, command),
+        "rows": [],
+    }
+    name = "bench_matrix" + ("_gpu" if cuda else "")
     for cell in tqdm(grid, desc="matrix"):
         make = partial(_workload, cell)
         out = []
-        for name in MATRIX_CONTENDERS:
-            args = (make, name, repeats, limit_s, device)
+        for contender_name in MATRIX_CONTENDERS:
+            args = (make, contender_name, repeats, limit_s, device)
             limit = _address_limit(mem_gib, device)
             res = run_limited(model_cell, args, 4 * limit_s, limit)
-            res.setdefault("contender", name)
+            res.setdefault("contender", contender_name)
             out.append(res)
         _agreement(out)
-        rows.append({"cell": cell, "cells": out})
-    command = command or "laplace-lora bench --matrix"
-    result = {
-        "meta": run_meta(device, threads, repeats, limit_s, mem_gib, command),
-        "rows": rows,
-        "headline": {s: headline(rows, s) for s in ("fit_s", "predict_s")},
-    }
-    result["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
-    _write(result, Path(output), "bench_matrix" + ("_gpu" if cuda else ""))
+        result["rows"].append({"cell": cell, "cells": out})
+        # every finished cell is written: an interrupted run keeps them
+        rows = result["rows"]
+        result["headline"] = {s: headline(rows, s) for s in ("fit_s", "predict_s")}
+        result["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
+        _write(result, Path(output), name, quiet=len(rows) < len(grid))
     return result
 
 
-def _write(result: dict[str, Any], out_dir: Path, name: str) -> None:
+def _write(
+    result: dict[str, Any], out_dir: Path, name: str, quiet: bool = False
+) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2))
     (out_dir / f"{name}.md").write_text(to_markdown(result))
-    print(to_markdown(result), file=sys.stderr)
+    if not quiet:
+        print(to_markdown(result), file=sys.stderr)
 
 
 def merge(paths: list[str], output: str, name: str = "bench_matrix") -> dict:
