@@ -583,28 +583,20 @@ def main(argv: list[str] | None = None) -> dict:
     # restricted fits: the cost of each block and of each module type
     restricted: dict[str, dict] = {"block": {}, "module": {}}
     if not args.no_breakdown:
-        for i in range(args.layers):
-            pat = re.compile(rf"layers\.{i}\.")
+        subsets = [
+            ("block", str(i), rf"layers\.{i}\.", f"block {i}")
+            for i in range(args.layers)
+        ] + [("module", mod, rf"\.{mod}$", mod) for mod in MODULES]
+        for group, key, pattern, label in subsets:
+            pat = re.compile(pattern)
             la, cell = run_cell(
                 lambda pat=pat: _ours(model, args, lora_modules=pat),
                 train,
                 test,
                 dev,
-                f"ours low-rank, block {i}",
+                f"ours low-rank, {label}",
             )
-            restricted["block"][str(i)] = cell
-            del la
-            gc.collect()
-        for mod in MODULES:
-            pat = re.compile(rf"\.{mod}$")
-            la, cell = run_cell(
-                lambda pat=pat: _ours(model, args, lora_modules=pat),
-                train,
-                test,
-                dev,
-                f"ours low-rank, {mod}",
-            )
-            restricted["module"][mod] = cell
+            restricted[group][key] = cell
             del la
             gc.collect()
 
