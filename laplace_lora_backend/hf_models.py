@@ -9,12 +9,19 @@ needs no hand-written wrapper.
 from __future__ import annotations
 
 from collections.abc import Iterable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["HFLogitsModel", "as_logits_model", "is_hf_model"]
+__all__ = [
+    "DecoderHead",
+    "HFLogitsModel",
+    "as_logits_model",
+    "decoder_and_head",
+    "is_hf_model",
+]
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -84,3 +91,108 @@ def as_logits_model(model: nn.Module, dict_key_y: str = "labels") -> nn.Module:
     if is_hf_model(model):
         return HFLogitsModel(model, drop_keys=(dict_key_y,))
     return model
+
+
+@dataclass(frozen=True)
+class DecoderHead:
+    """A causal LM split into its decoder and a linear output layer.
+
+    ``model(batch) == head(decoder(**decoder_kwargs(batch)).last_hidden_state)``
+    (checked by `decoder_and_head`), so the logits are an affine function of
+    the decoder's last hidden states.
+
+    Attributes
+    ----------
+    decoder : torch.nn.Module
+        The transformer returning `last_hidden_state`, `(batch, tokens, H)`.
+    head : torch.nn.Linear
+        The output embeddings, `H -> V`.
+    drop_keys : frozenset of str
+        Batch keys not passed to the decoder.
+    """
+
+    decoder: nn.Module
+    head: nn.Linear
+    drop_keys: frozenset[str]
+
+    def decoder_kwargs(
+        self, batch: torch.Tensor | MutableMapping[str, Any]
+    ) -> dict[str, Any]:
+        """The decoder's keyword arguments for a batch (no KV cache).
+
+        Returns
+        -------
+        dict
+        """
+        if isinstance(batch, torch.Tensor):
+            kwargs = {"input_ids": batch}
+        else:
+            kwargs = {k: v for k, v in batch.items() if k not in self.drop_keys}
+        return {**kwargs, "use_cache": False}
+
+    def hidden_states(
+        self, batch: torch.Tensor | MutableMapping[str, Any]
+    ) -> torch.Tensor:
+        """The decoder's last hidden states.
+
+        Returns
+        -------
+        torch.Tensor
+            `(batch, tokens, H)`.
+        """
+        return self.decoder(**self.decoder_kwargs(batch)).last_hidden_state
+
+
+def decoder_and_head(
+    model: nn.Module, batch: torch.Tensor | MutableMapping[str, Any]
+) -> DecoderHead | None:
+    """Split an `HFLogitsModel` causal LM into decoder and linear head.
+
+    The split holds when the model has a decoder (``get_decoder()``) and
+    plain `nn.Linear` output embeddings (``get_output_embeddings()``; not a
+    LoRA layer or a `modules_to_save` copy) whose input is the decoder's
+    `last_hidden_state` and whose output is returned unchanged. Both are
+    checked on `batch` bit for bit (one forward of the model and one of the
+    decoder): a model that post-processes its logits (e.g. Gemma-2's
+    soft-capping, Cohere's logit scale) or feeds the head anything else is
+    not split.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The Laplace object's model (an `HFLogitsModel` for transformers).
+    batch : torch.Tensor or MutableMapping
+        A batch the model accepts, on its device.
+
+    Returns
+    -------
+    DecoderHead or None
+        None where the split does not hold.
+    """
+    if not isinstance(model, HFLogitsModel):
+        return None
+    lm = model.model
+    get_decoder = getattr(lm, "get_decoder", None)
+    get_head = getattr(lm, "get_output_embeddings", None)
+    if get_decoder is None or get_head is None:
+        return None
+    decoder, head = get_decoder(), get_head()
+    if type(head) is not nn.Linear or decoder is lm or decoder is None:
+        return None
+    split = DecoderHead(decoder, head, model.drop_keys)
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        seen["input"], seen["output"] = args[0], out
+
+    handle = head.register_forward_hook(record)
+    try:
+        with torch.no_grad():
+            logits = model(batch)
+    finally:
+        handle.remove()
+    if "input" not in seen or not torch.equal(seen["output"], logits):
+        return None
+    with torch.no_grad():
+        hidden = split.hidden_states(batch)
+    return split if torch.equal(hidden, seen["input"]) else None

@@ -13,17 +13,27 @@ EVERY position is a model average of softmaxes over `K` posterior samples:
   weights. Its exact form is a Gaussian over the logits with covariance
   ``J Sigma J^T`` of side `tokens * V` (``49152 * T`` for SmolLM2): neither
   it nor `J` (one backward pass per output) can be formed. Instead every
-  ``J delta_k``, ``delta_k = theta_k - theta*``, is ONE forward-mode
+  ``J delta_k``, ``delta_k = theta_k - theta*``, is a forward-mode
   Jacobian-vector product (`torch.func.jvp`) along a posterior draw: an
   exact sample of ``N(0, J Sigma J^T)``, jointly over all positions and the
   whole vocabulary (``(1/K) sum_k (J delta_k)(J delta_k)^T`` is an unbiased
   rank-`K` Monte-Carlo factor of ``J Sigma J^T``). The softmax average over
   the `K` samples is then the usual MC estimate of the GLM predictive. No
   probit / diagonal shortcut is used: those need the `tokens * V`
-  variances, i.e. `tokens * V` backward passes. Cost: `K` JVPs, each about
-  two forward passes (the primal and the tangent); with ``chunk_size=K``
-  they are vectorised (`torch.func.vmap`) and share one primal pass: about
-  ``K + 2`` forward passes, at `K` tangent logit tensors of memory.
+  variances, i.e. `tokens * V` backward passes.
+
+  Cost. A transformers causal LM whose logits are its linear head applied
+  to the decoder's last hidden states `h` (`decoder_and_head`, checked
+  once per Laplace object) is linearised in the decoder only: one
+  vectorised JVP (`torch.func.vmap`) gives `h` and its `K` tangents
+  ``dh_k = J_h delta_k``, `(K, batch, tokens, H)`, sharing one primal
+  pass; then ``f_lin_k = head(h + dh_k)`` exactly (the head is affine),
+  one head product per sample. About ``K + 1`` forward passes, and the
+  vocabulary-wide memory is one logits tensor at a time. Otherwise (a LoRA
+  or post-processed head, a non-HF model) the whole model is linearised,
+  `chunk_size` directions per JVP: about ``2 K`` forward passes with one
+  direction at a time, ``K + 1`` with all `K` at `K` logit tensors of
+  memory.
 - ``pred_type="map"``: the MAP softmax (one pass; zero mutual information).
 
 Memory: the running average (`SoftmaxAverage`) holds the average and the
@@ -45,6 +55,7 @@ from typing import Any
 import torch
 
 from laplace_lora_backend.curvature.token_loss import target_mask
+from laplace_lora_backend.hf_models import DecoderHead, decoder_and_head
 from laplace_lora_backend.uncertainty import SoftmaxAverage, entropy
 
 __all__ = ["NextTokenPredictive", "TokenPredictive", "check_token_logits"]
@@ -138,7 +149,7 @@ class NextTokenPredictive:
         pred_type: str = "nn",
         n_samples: int = 10,
         generator: torch.Generator | None = None,
-        chunk_size: int = 1,
+        chunk_size: int | None = None,
     ) -> TokenPredictive:
         """The Bayesian next-token predictive at every position of a batch.
 
@@ -154,10 +165,11 @@ class NextTokenPredictive:
             Posterior samples `K`.
         generator : torch.Generator, optional
             For the posterior samples.
-        chunk_size : int, default=1
-            ``"glm"``: directions per vectorised JVP. 1 holds one tangent
-            logit tensor (about ``2 K`` forward passes); `K` shares the primal
-            pass (about ``K + 2``) at `K` logit tensors of memory.
+        chunk_size : int, optional
+            ``"glm"``: directions per vectorised JVP. Default: all `K` where
+            the model splits into decoder and linear head (`K` hidden-state
+            tangents of memory), else 1 (one tangent logit tensor); see the
+            module docstring for the costs.
 
         Returns
         -------
@@ -196,12 +208,14 @@ class NextTokenPredictive:
         x: Any,
         n_samples: int,
         generator: torch.Generator | None = None,
-        chunk_size: int = 1,
+        chunk_size: int | None = None,
     ) -> Iterator[torch.Tensor]:
         """Samples of the linearised logits ``f(x) + J (theta_k - theta*)``.
 
-        Forward-mode JVPs along the posterior draws, `chunk_size` at a time;
-        the model is not modified.
+        Forward-mode JVPs along the posterior draws, `chunk_size` at a time,
+        through the decoder only where the model splits into decoder and
+        linear head (`decoder_and_head`), else through the whole model; the
+        model is not modified.
 
         Parameters
         ----------
@@ -209,8 +223,9 @@ class NextTokenPredictive:
             A batch on the model's device.
         n_samples : int
         generator : torch.Generator, optional
-        chunk_size : int, default=1
-            Directions per JVP (see `logits_and_jvp`).
+        chunk_size : int, optional
+            Directions per JVP; default: `n_samples` with the decoder/head
+            split, else 1.
 
         Yields
         ------
@@ -218,21 +233,55 @@ class NextTokenPredictive:
             The model's output shape, e.g. `(batch, tokens, V)`.
         """
         deltas = self.sample(n_samples, generator) - self.mean
-        for chunk in deltas.split(max(1, int(chunk_size))):
-            f, jvps = self.logits_and_jvp(x, chunk)
-            for jvp in jvps:
-                yield f + jvp
+        split = self.decoder_head_split(x)
+        if split is None:
+            for chunk in deltas.split(max(1, int(chunk_size or 1))):
+                f, jvps = self.logits_and_jvp(x, chunk)
+                for jvp in jvps:
+                    yield f + jvp
+            return
+        for chunk in deltas.split(max(1, int(chunk_size or n_samples))):
+            h, dhs = self.logits_and_jvp(x, chunk, split)
+            with torch.no_grad():
+                for dh in dhs:
+                    yield split.head(h + dh)
+
+    def decoder_head_split(self, x: Any) -> DecoderHead | None:
+        """The model's decoder/linear-head split, checked on the first batch.
+
+        None where it does not hold or where a LoRA weight lies outside the
+        decoder (then the whole model is linearised).
+
+        Parameters
+        ----------
+        x : torch.Tensor or MutableMapping
+            A batch on the model's device (for the check).
+
+        Returns
+        -------
+        DecoderHead or None
+        """
+        if not hasattr(self, "_decoder_head"):
+            split = decoder_and_head(self.model, x)
+            inside = split is not None and {
+                id(p) for p in split.decoder.parameters()
+            }.issuperset(id(p) for p in self.params)
+            self._decoder_head = split if inside else None
+        return self._decoder_head
 
     def logits_and_jvp(
-        self, x: Any, directions: torch.Tensor
+        self,
+        x: Any,
+        directions: torch.Tensor,
+        split: DecoderHead | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The model's outputs and their derivatives along `directions`.
+        """Outputs and their derivatives along `directions` in the LoRA weights.
 
         One direction: one JVP (`torch.func.jvp`), about two forward passes.
         `c` directions: one JVP vectorised over them (`torch.func.vmap`):
         the primal is computed once, so `K` directions in one chunk cost
         about ``K + 1`` forward passes, at `c` times the memory of the
-        tangents (`c` logit tensors).
+        tangents.
 
         Parameters
         ----------
@@ -241,15 +290,24 @@ class NextTokenPredictive:
         directions : torch.Tensor
             `(P,)` or `(c, P)` directions in the LoRA weights (the order of
             `params`).
+        split : DecoderHead, optional
+            Differentiate the decoder's last hidden states instead of the
+            model's outputs (every LoRA weight must lie in the decoder).
 
         Returns
         -------
         f : torch.Tensor
-            The outputs at the MAP, e.g. `(batch, tokens, V)`.
+            The outputs at the MAP: e.g. `(batch, tokens, V)` logits, or
+            `(batch, tokens, H)` hidden states with `split`.
         jvp : torch.Tensor
             ``J direction``: the shape of `f`, or `(c, *f.shape)`.
         """
-        names = [w.name for w in self.lora_weights]
+        if split is None:
+            module, args, kwargs = self.model, (x,), {}
+        else:
+            module, args, kwargs = split.decoder, (), split.decoder_kwargs(x)
+        where = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+        names = [where[id(p)] for p in self.params]
         chunks = directions.split([p.numel() for p in self.params], dim=-1)
         tangents = tuple(
             c.reshape(*directions.shape[:-1], *p.shape).to(p.device, p.dtype)
@@ -258,9 +316,10 @@ class NextTokenPredictive:
         primals = tuple(p.detach() for p in self.params)
 
         def forward(*weights: torch.Tensor) -> torch.Tensor:
-            return torch.func.functional_call(
-                self.model, dict(zip(names, weights, strict=True)), (x,)
+            out = torch.func.functional_call(
+                module, dict(zip(names, weights, strict=True)), args, kwargs
             )
+            return out if split is None else out.last_hidden_state
 
         def jvp(*t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return torch.func.jvp(forward, primals, t)

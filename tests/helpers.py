@@ -12,7 +12,14 @@ from laplace import Laplace
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from laplace_lora_backend import LoRAEF
 from laplace_lora_backend.curvature.token_loss import next_token_labels
@@ -81,6 +88,21 @@ def make_lm(arch: str, seed: int = 0, vocab: int = VOCAB) -> nn.Module:
         )
         lm = GPT2LMHeadModel(cfg)
         targets = ["c_attn"]
+    elif arch == "gemma2-softcap":  # logits = 30 tanh(lm_head(h) / 30)
+        cfg = Gemma2Config(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=64,
+            final_logit_softcapping=30.0,
+            attn_implementation="eager",
+        )
+        lm = Gemma2ForCausalLM(cfg)
+        targets = ["q_proj", "v_proj"]
     else:
         raise ValueError(arch)
     return lm, targets
@@ -113,11 +135,16 @@ def _with_lora(lm: nn.Module, seed: int, r: int, targets: list[str]) -> nn.Modul
 
 
 def make_peft_causal_lm(
-    seed: int = 0, r: int = 2, targets: list[str] | None = None, vocab: int = 64
+    seed: int = 0,
+    r: int = 2,
+    targets: list[str] | None = None,
+    vocab: int = 64,
+    arch: str = "llama",
 ) -> nn.Module:
-    """Tiny PEFT LoRA Llama causal LM (float64, eager attention, vocabulary 64)
-    with non-zero LoRA B weights; called as ``model(**batch).logits``."""
-    lm, default_targets = make_lm("llama", seed, vocab=vocab)
+    """Tiny PEFT LoRA causal LM (Llama by default; float64, eager attention,
+    vocabulary 64) with non-zero LoRA B weights; called as
+    ``model(**batch).logits``."""
+    lm, default_targets = make_lm(arch, seed, vocab=vocab)
     return _with_lora(lm, seed, r, targets or default_targets).double().eval()
 
 

@@ -24,8 +24,21 @@ def test_tiny_run_writes_json_of_the_agreed_shape(tmp_path):
         assert result["generation"][side]["mutual_information"] > 0
     assert [r["tokens"] for r in result["cost"]] == result["config"]["cost_lengths"]
     for row in result["cost"]:
-        for key in ("sampling", "linearised", "linearised_chunked"):
+        for key in ("sampling", "linearised", "linearised_one_per_jvp"):
             assert row[f"{key}_forward_passes"] > 0
     table = (tmp_path / "generation.md").read_text()
     assert "LA-linearised" in table and "fwd passes" in table
     assert (tmp_path / "generation.png").stat().st_size > 10_000
+
+
+def test_cost_only_run_writes_the_cost_table(tmp_path):
+    main(["--tiny", "--cost-only", "--threads", "1", "--output", str(tmp_path)])
+    result = json.loads((tmp_path / "cost.json").read_text())
+    assert [r["tokens"] for r in result["cost"]] == result["config"]["cost_lengths"]
+    for row in result["cost"]:
+        assert row["K"] == result["config"]["n_samples"]
+        for key in ("sampling", "linearised", "linearised_one_per_jvp"):
+            assert row[f"{key}_forward_passes"] > 0 and row[f"{key}_s"] > 0
+    table = (tmp_path / "cost.md").read_text()
+    assert table.count("\n| ") == len(result["cost"]) + 1  # header + one row each
+    assert not (tmp_path / "generation.json").exists()

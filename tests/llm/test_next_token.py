@@ -111,6 +111,36 @@ def test_chunked_linearised_predictive_equals_one_direction_at_a_time(fitted):
     assert rel_err(chunked.mutual_information, one.mutual_information) < 1e-5
 
 
+@pytest.mark.parametrize(
+    "arch, targets, split",
+    [
+        ("llama", None, True),  # decoder + linear head: the decoder is linearised
+        ("gpt2", None, True),
+        ("llama", ["q_proj", "v_proj", "lm_head"], False),  # LoRA on the head
+        ("gemma2-softcap", None, False),  # the logits are post-processed
+    ],
+)
+def test_linearised_predictive_is_the_average_over_jacobian_draws(arch, targets, split):
+    """``mean_k softmax(f* + J delta_k)`` with the same posterior draws and the
+    dense Jacobian, whichever way the model is linearised."""
+    model = make_peft_causal_lm(arch=arch, targets=targets)
+    la = lm_laplace(model, prior_precision=4.0)
+    la.fit(make_loader(make_lm_batch(n=6, T=6, seed=1), batch_size=3))
+    x = make_lm_batch(n=2, T=4, seed=2)
+    assert (la.decoder_head_split(x) is not None) is split
+    K = 5
+    got = la.next_token_predictive(
+        x, "glm", n_samples=K, generator=torch.Generator().manual_seed(7)
+    )
+    J, f_map = _dense_jacobian(la, x)
+    deltas = la.sample(K, torch.Generator().manual_seed(7)) - la.mean
+    probs = torch.stack([(f_map + J @ d.to(J.dtype)).softmax(-1) for d in deltas]).mean(
+        0
+    )
+    # forward vs reverse mode through RMSNorm's float32 computation
+    assert rel_err(got.probs, probs) < 1e-6
+
+
 def test_linearised_predictive_matches_exact_glm_predictive(fitted):
     """MC tolerance: 5 standard errors of the difference of the two estimates,
     entry by entry (512 entries), with the standard deviation of each softmax
