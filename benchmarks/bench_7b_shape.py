@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import platform
@@ -60,6 +59,7 @@ import torch  # noqa: E402
 from laplace import Laplace  # noqa: E402
 
 import laplace_lora_backend  # noqa: E402,F401
+from benchmarks.common import write_results  # noqa: E402
 from benchmarks.suite.measure import error_message, peak_rss_bytes, rss_bytes  # noqa: E402
 from laplace_lora_backend.llm.answer_tokens import (  # noqa: E402
     AnswerTokenClassifier,
@@ -699,13 +699,7 @@ def main(argv: list[str] | None = None) -> dict:
     if dev.startswith("cuda"):
         result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
     result["extrapolation"] = extrapolate(result, args)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
-    md = to_markdown(result)
-    (out / f"{args.name}.md").write_text(md)
-    log(f"wrote {out / args.name}.md")
-    print(md)
+    write_results(args.output, args.name, result, to_markdown(result))
     return result
 
 

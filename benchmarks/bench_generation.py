@@ -39,8 +39,6 @@ Writes ``generation.json``, ``generation.md`` and ``generation.png`` under
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import threading
@@ -56,6 +54,7 @@ from laplace import Laplace  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 import laplace_lora_backend as llb  # noqa: E402
+from benchmarks.common import command_line, script_parser, write_results  # noqa: E402
 from laplace_lora_backend.curvature.token_loss import (  # noqa: E402
     IGNORE_INDEX,
     next_token_labels,
@@ -455,7 +454,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = script_parser(__doc__, repeats=None)
     parser.add_argument("--tiny", action="store_true", help="tiny random Llama")
     parser.add_argument("--cost", action="store_true", help="also the cost table")
     parser.add_argument(
@@ -470,9 +469,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n-train", type=int)
     parser.add_argument("--n-eval", type=int)
     parser.add_argument("--samples", type=int)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", help="default: cuda if available, else cpu")
-    parser.add_argument("--output", default="benchmarks/results/generation")
+    parser.set_defaults(output="benchmarks/results/generation")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = GenConfig.tiny() if args.tiny else GenConfig()
@@ -485,26 +483,23 @@ def main(argv: list[str] | None = None) -> dict:
         if value is not None:
             over[key] = value
     cfg = replace(cfg, **over)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/bench_generation.py " + " ".join(argv or sys.argv[1:])
+    command = command_line("benchmarks/bench_generation.py", argv)
     if args.cost_only:
         result = {**run_cost(cfg), "command": command}
-        (out / "cost.json").write_text(json.dumps(result, indent=2))
         cfg_line = (
             f"`{command}`: {cfg.model}, LoRA r={cfg.r} on {cfg.targets}, K="
             f"{cfg.n_samples}, best of {cfg.cost_repeats}; one sequence per row, "
             "times in plain forward passes of the same sequence."
         )
         md = "\n".join([cfg_line, "", *cost_table(result["cost"])]) + "\n"
-        (out / "cost.md").write_text(md)
-        print(md)
+        write_results(args.output, "cost", result, md, indent=2)
         return result
     result = run(cfg, with_cost=args.cost)
     result["command"] = command
-    (out / "generation.json").write_text(json.dumps(result, indent=2))
-    (out / "generation.md").write_text(to_markdown(result, command))
-    plot(result, out / "generation.png")
+    write_results(
+        args.output, "generation", result, to_markdown(result, command), indent=2
+    )
+    plot(result, Path(args.output) / "generation.png")
     return result
 
 

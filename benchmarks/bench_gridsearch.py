@@ -21,9 +21,7 @@ Usage: ``python benchmarks/bench_gridsearch.py [--smollm2] [--output DIR]``
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -40,6 +38,10 @@ from laplace import KronLaplace, Laplace  # noqa: E402
 from laplace.curvature import CurvlinopsGGN  # noqa: E402
 
 import laplace_lora_backend  # noqa: E402,F401
+from benchmarks.common import (  # noqa: E402
+    script_parser,
+    write_results,
+)
 from benchmarks.suite.workloads import (  # noqa: E402
     Loader,
     _random_batches,
@@ -108,11 +110,8 @@ def run(wl, val, grid_size, repeats, upstream_points):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--smollm2", action="store_true")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", default="benchmarks/results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -128,8 +127,6 @@ def main():
         ]
         rows.append(run(wl, val, 100, 1, upstream_points=2))
         print(rows[-1], flush=True)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {
         "command": "python benchmarks/bench_gridsearch.py"
         + (" --smollm2" if args.smollm2 else ""),
@@ -139,7 +136,6 @@ def main():
         "threads": args.threads,
     }
     result = {"meta": meta, "rows": rows}
-    (out / "gridsearch.json").write_text(json.dumps(result, indent=1))
     lines = [
         f"`{meta['command']}` ({meta['machine']}, torch {meta['torch']}, "
         f"{args.threads} threads, {meta['date']})",
@@ -161,8 +157,7 @@ def main():
             f"| {ref} | {r['speedup']:.0f}x | {r['ours_prior']:.3g} / "
             f"{'-' if lt is None else f'{lt:.3g}'} / {r['brute_force_prior']:.3g} |"
         )
-    (out / "gridsearch.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.output, "gridsearch", result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

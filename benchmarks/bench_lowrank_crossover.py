@@ -16,9 +16,6 @@ The measurement behind the cost-aware default `lowrank_threshold=1024`
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -30,6 +27,12 @@ import torch  # noqa: E402
 from laplace import Laplace  # noqa: E402
 
 import laplace_lora_backend  # noqa: E402,F401
+from benchmarks.common import (  # noqa: E402
+    command_line,
+    machine,
+    script_parser,
+    write_results,
+)
 from benchmarks.suite.workloads import Loader, wide_layer  # noqa: E402
 
 
@@ -103,16 +106,13 @@ def to_markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = script_parser(__doc__)
     parser.add_argument(
         "--widths",
         type=int,
         nargs="+",
         default=[256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192],
     )
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", default="benchmarks/results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -120,18 +120,12 @@ def main() -> None:
         rows.append(measure(d, args.repeats))
         print(rows[-1], flush=True)
     result = {
-        "command": "python benchmarks/bench_lowrank_crossover.py "
-        + " ".join(sys.argv[1:]),
-        "machine": f"{os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{args.threads} threads",
+        "command": command_line("benchmarks/bench_lowrank_crossover.py"),
+        "machine": machine(args.threads),
         "repeats": args.repeats,
         "widths": rows,
     }
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "lowrank_crossover.json").write_text(json.dumps(result, indent=1))
-    (out / "lowrank_crossover.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    write_results(args.output, "lowrank_crossover", result, to_markdown(result))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ minutes per seed on 2 CPU cores). Writes ``benchmarks/results/ood.{json,md}``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
@@ -32,6 +30,12 @@ from laplace import Laplace  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import laplace_lora_backend  # noqa: E402,F401
+from benchmarks.common import (  # noqa: E402
+    command_line,
+    machine,
+    script_parser,
+    write_results,
+)
 from laplace_lora_backend.demo import DemoConfig, build_model, make_splits  # noqa: E402
 from laplace_lora_backend.demo.data import load_dataset, tokenize_prompts  # noqa: E402
 from laplace_lora_backend.demo.finetune import predict_logits, train_map  # noqa: E402
@@ -114,11 +118,9 @@ def to_markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = script_parser(__doc__, repeats=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--n", type=int, default=200, help="inputs per side")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", default="benchmarks/results")
     parser.add_argument(
         "--quick", action="store_true", help="tiny random model, small sizes (smoke)"
     )
@@ -130,19 +132,14 @@ def main() -> None:
     t0 = time.perf_counter()
     runs = [run_seed(cfg, s) for s in args.seeds]
     result = {
-        "command": "python benchmarks/bench_ood.py " + " ".join(sys.argv[1:]),
-        "machine": f"{os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{args.threads} threads",
+        "command": command_line("benchmarks/bench_ood.py"),
+        "machine": machine(args.threads),
         "n": args.n,
         "seeds": runs,
         "auroc": {s: statistics.fmean(r["auroc"][s] for r in runs) for s in SCORES},
         "seconds": time.perf_counter() - t0,
     }
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ood.json").write_text(json.dumps(result, indent=1))
-    (out / "ood.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    write_results(args.output, "ood", result, to_markdown(result))
 
 
 if __name__ == "__main__":

@@ -22,9 +22,7 @@ Usage: ``python benchmarks/profile_fit.py [--repeats 3]``. Writes
 
 from __future__ import annotations
 
-import argparse
 import cProfile
-import json
 import os
 import pstats
 import statistics
@@ -41,6 +39,12 @@ from laplace import Laplace  # noqa: E402
 from laplace.utils import symeig  # noqa: E402
 
 import laplace_lora_backend  # noqa: E402,F401
+from benchmarks.common import (  # noqa: E402
+    command_line,
+    machine,
+    script_parser,
+    write_results,
+)
 from benchmarks.suite.workloads import Loader, smollm2  # noqa: E402
 from laplace_lora_backend import LoRAEF, LoRAGGN  # noqa: E402
 
@@ -235,28 +239,19 @@ def to_markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", default="benchmarks/results")
-    args = parser.parse_args()
+    args = script_parser(__doc__).parse_args()
     torch.set_num_threads(args.threads)
     wl = smollm2(n=32, max_length=64, batch_size=4, targets=("q_proj", "v_proj"))
     result = {
-        "command": "python benchmarks/profile_fit.py " + " ".join(sys.argv[1:]),
-        "machine": f"{os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{args.threads} threads",
+        "command": command_line("benchmarks/profile_fit.py"),
+        "machine": machine(args.threads),
         "workload": wl.name,
         "C": wl.meta["C"],
         "repeats": args.repeats,
         "times": time_fits(wl, args.repeats),
         "parts": {name: profile_parts(wl, name) for name in FITS},
     }
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "profile_fit.json").write_text(json.dumps(result, indent=1))
-    (out / "profile_fit.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    write_results(args.output, "profile_fit", result, to_markdown(result))
 
 
 if __name__ == "__main__":
