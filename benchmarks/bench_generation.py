@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from laplace import Laplace  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 import laplace_lora_backend as llb  # noqa: E402
 from benchmarks.common import command_line, script_parser, write_results  # noqa: E402
@@ -169,6 +170,7 @@ def finetune(model, batches: BatchList, cfg: GenConfig) -> list[float]:
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
     losses = []
+    steps = tqdm(total=cfg.epochs * len(batches), desc="fine-tune", leave=False)
     for _ in range(cfg.epochs):
         for batch in batches:
             loss = lm_loss(model, batch)
@@ -176,6 +178,8 @@ def finetune(model, batches: BatchList, cfg: GenConfig) -> list[float]:
             loss.backward()
             opt.step()
             losses.append(loss.item())
+            steps.update()
+    steps.close()
     model.eval()
     return losses
 
@@ -201,7 +205,7 @@ def evaluate(la, batches: BatchList, cfg: GenConfig) -> dict:
     out = {}
     for name, pred_type in METHODS.items():
         nll, conf, correct, mi = [], [], [], []
-        for i, batch in enumerate(batches):
+        for i, batch in enumerate(tqdm(batches, desc=name, leave=False)):
             g = torch.Generator().manual_seed(cfg.seed * 1000 + i)
             x = {k: v for k, v in batch.items() if k != "labels"}
             p = la.next_token_predictive(x, pred_type, cfg.n_samples, generator=g)
