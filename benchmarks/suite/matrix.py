@@ -128,7 +128,10 @@ def headline(rows: list[dict[str, Any]], stage: str = "fit_s") -> dict[str, Any]
     rows : list of dict
         Matrix rows (``{"cell", "cells": [model cells]}``).
     stage : str
-        ``"fit_s"`` or ``"predict_s"``.
+        ``"fit_s"`` or ``"predict_s"`` (seconds), or ``"fit_x"`` /
+        ``"predict_x"``: each contender's time over the forward+backward
+        (forward) its own child process measured just before, which cancels
+        the machine's drift between the contenders' processes.
 
     Returns
     -------
@@ -160,6 +163,14 @@ def headline(rows: list[dict[str, Any]], stage: str = "fit_s") -> dict[str, Any]
     return out
 
 
+HEADLINE_STAGES = {
+    "fit_s": "fit (s)",
+    "predict_s": "GLM predictive (s)",
+    "fit_x": "fit / own fwd+bwd",
+    "predict_x": "GLM predictive / own fwd",
+}
+
+
 def _cell_name(cell: dict[str, Any]) -> str:
     return f"{cell['placement']}, {cell['tokens']} tok, C={cell['classes']}"
 
@@ -185,8 +196,8 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines += [f"- {k}: {v}" for k, v in result["meta"].items()]
     lines += ["", "## Headline", ""]
     rows = []
-    for stage, label in (("fit_s", "fit"), ("predict_s", "GLM predictive")):
-        for kind, h in result["headline"][stage].items():
+    for stage, label in HEADLINE_STAGES.items():
+        for kind, h in result["headline"].get(stage, {}).items():
             rows.append(
                 [
                     f"{label}, {kind}",
@@ -276,7 +287,7 @@ def run_matrix(
         result["rows"].append({"cell": cell, "cells": out})
         # every finished cell is written: an interrupted run keeps them
         rows = result["rows"]
-        result["headline"] = {s: headline(rows, s) for s in ("fit_s", "predict_s")}
+        result["headline"] = {s: headline(rows, s) for s in HEADLINE_STAGES}
         result["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
         _write(result, Path(output), name, quiet=len(rows) < len(grid))
     return result
@@ -294,6 +305,10 @@ def _write(
 
 def merge(paths: list[str], output: str, name: str = "bench_matrix") -> dict:
     """One result from the results of parts of the grid run separately.
+
+    A part may itself be a merged result. A cell found in several parts is
+    taken from the last of them (a cell run again replaces the earlier run;
+    ``meta["replaced"]`` names it).
 
     Returns
     -------
@@ -319,19 +334,36 @@ def merge(paths: list[str], output: str, name: str = "bench_matrix") -> dict:
         (c["placement"], c["tokens"], c["classes"]): i
         for i, c in enumerate(cells(list(PLACEMENTS), list(LENGTHS), [3, 5]))
     }
-    rows = sorted(
-        (r for p in parts for r in p["rows"]),
-        key=lambda r: order.get(
-            (r["cell"]["placement"], r["cell"]["tokens"], r["cell"]["classes"]), -1
-        ),
-    )
+    by_cell: dict[tuple, dict[str, Any]] = {}
+    replaced = []
+    for part in parts:
+        for row in part["rows"]:
+            key = (
+                row["cell"]["placement"],
+                row["cell"]["tokens"],
+                row["cell"]["classes"],
+            )
+            if key in by_cell:
+                replaced.append(_cell_name(row["cell"]))
+            by_cell[key] = row
+    rows = [by_cell[k] for k in sorted(by_cell, key=lambda k: order.get(k, -1))]
     meta = dict(parts[0]["meta"])
     meta["command"] = " + ".join(p["meta"]["command"] for p in parts)
-    meta["seconds"] = [p["meta"]["seconds"] for p in parts]
+    meta["seconds"] = [
+        s
+        for p in parts
+        for s in (
+            p["meta"]["seconds"]
+            if isinstance(p["meta"]["seconds"], list)
+            else [p["meta"]["seconds"]]
+        )
+    ]
+    if replaced:
+        meta["replaced"] = ", ".join(replaced)
     result = {
         "meta": meta,
         "rows": rows,
-        "headline": {s: headline(rows, s) for s in ("fit_s", "predict_s")},
+        "headline": {s: headline(rows, s) for s in HEADLINE_STAGES},
     }
     _write(result, Path(output), name)
     return result

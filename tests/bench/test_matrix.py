@@ -68,8 +68,28 @@ def test_headline_counts_cells_where_ours_is_fastest_and_the_worst_ratio():
         "headline": {"fit_s": h, "predict_s": headline(rows, "predict_s")},
     }
     md = to_markdown(result)
-    assert "| fit, GGN | 1 / 2 | 1.5 | q,v, 128 tok, C=3 |" in md
-    assert "| GLM predictive, GGN | 0 / 0 |" in md
+    assert "| fit (s), GGN | 1 / 2 | 1.5 | q,v, 128 tok, C=3 |" in md
+    assert "| GLM predictive (s), GGN | 0 / 0 |" in md
+
+
+def test_headline_on_ratios_to_each_process_own_forward_backward():
+    """Ours took longer in seconds, but its process's forward+backward too
+    (a slower moment of the machine): by ratio ours is faster."""
+    (a,) = cells(["q,v"], [48], [3])
+    row = {
+        "cell": a,
+        "cells": [
+            {"contender": "ours kron default", "fit_s": 6.0, "fit_x": 3.0},
+            {
+                "contender": "laplace-torch kron CurvlinopsGGN",
+                "fit_s": 5.0,
+                "fit_x": 5.0,
+            },
+        ],
+    }
+    assert headline([row], "fit_s")["GGN"]["fastest"] == 0
+    by_ratio = headline([row], "fit_x")["GGN"]
+    assert by_ratio["fastest"] == 1 and by_ratio["worst"] == pytest.approx(0.6)
 
 
 def test_parts_of_the_grid_merge_in_grid_order(tmp_path):
@@ -93,6 +113,19 @@ def test_parts_of_the_grid_merge_in_grid_order(tmp_path):
     assert [r["cell"]["tokens"] for r in out["rows"]] == [48, 128, 512]
     assert out["headline"]["fit_s"]["GGN"]["fastest"] == 3
     assert (tmp_path / "out" / "bench_matrix.md").exists()
+    # a merged result is a part too; a cell run again replaces the first run
+    again = _row(
+        rows[0]["cell"], {"ours kron default": 9.0, "laplace-torch kron AsdlGGN": 2.0}
+    )
+    c = tmp_path / "c.json"
+    c.write_text(json.dumps({"meta": {**meta, "command": "c"}, "rows": [again]}))
+    out2 = merge(
+        [str(tmp_path / "out" / "bench_matrix.json"), str(c)], str(tmp_path / "o2")
+    )
+    assert [r["cell"]["tokens"] for r in out2["rows"]] == [48, 128, 512]
+    assert out2["rows"][0] == again and out2["meta"]["replaced"] == "q,v, 48 tok, C=3"
+    assert out2["meta"]["seconds"] == [1.0, 1.0, 1.0]
+    assert out2["headline"]["fit_s"]["GGN"]["fastest"] == 2
     b.write_text(json.dumps({"meta": {**meta, "threads": 2}, "rows": rows[:2]}))
     with pytest.raises(ValueError, match="threads"):
         merge([str(a), str(b)], str(tmp_path / "out"))
