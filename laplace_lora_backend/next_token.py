@@ -242,9 +242,10 @@ class NextTokenPredictive:
             return
         for chunk in deltas.split(max(1, int(chunk_size or n_samples))):
             h, dhs = self.logits_and_jvp(x, chunk, split)
-            with torch.no_grad():
-                for dh in dhs:
-                    yield split.head(h + dh)
+            for dh in dhs:
+                with torch.no_grad():  # not around the yield: the caller's mode
+                    logits = split.head(h + dh)
+                yield logits
 
     def decoder_head_split(self, x: Any) -> DecoderHead | None:
         """The model's decoder/linear-head split, checked on the first batch.
