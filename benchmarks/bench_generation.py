@@ -8,7 +8,10 @@ the same articles (``Laplace(..., subset_of_weights="lora",
 hessian_structure="kron")`` with the Monte-Carlo Fisher, one sampled label per
 token, or ``--fisher ef``: the true next tokens), the prior precision by the
 marginal likelihood (``optimize_prior_precision(method="marglik",
-trust_region=None)``: the trust region reads a classifier's predictive).
+trust_region=None)``: the trust region reads a classifier's predictive), or
+with ``--prior auto`` by ``method="auto"`` on `n_val` further articles of
+the topic (marglik kept if its token NLL on them is at most MAP's, else a
+grid of multiples of it, else MAP; `TokenValidation`).
 
 Scored on held-out articles of the same topic (in domain) and on drug reviews
 (``--shifted drugreview``, the other data set) or another BBC topic: per
@@ -88,6 +91,9 @@ class GenConfig:
     targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     fisher: str = "mc"
     n_samples: int = 10
+    prior: str = "marglik"
+    n_val: int = 16
+    grid: tuple[float, float, int] = (-1.0, 2.0, 7)  # log10 multiples of marglik
     seed: int = 0
     cost_lengths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
     cost_repeats: int = 3
@@ -99,15 +105,19 @@ class GenConfig:
     @classmethod
     def tiny(cls, **kw) -> GenConfig:
         small = dict(
-            model="tiny", n_train=24, n_eval=8, max_length=32, epochs=2, lr=3e-3,
-            n_samples=4, cost_lengths=[16, 32, 64], cost_repeats=2, n_prompts=2,
+            model="tiny", n_train=24, n_eval=8, n_val=4, max_length=32, epochs=2,
+            lr=3e-3, n_samples=4, cost_lengths=[16, 32, 64], cost_repeats=2,
+            n_prompts=2,
             prompt_tokens=8, new_tokens=4,
         )  # fmt: skip
         return cls(**{**small, **kw})
 
 
 def texts(cfg: GenConfig) -> tuple[TextDataset, list[str], list[str], list[str]]:
-    """BBC articles of `cfg.topic` (train, held out) and the shifted texts."""
+    """BBC articles of `cfg.topic` (train, held out) and the shifted texts.
+
+    The validation articles (`validation_texts`) follow the training ones.
+    """
     bbc = load_dataset("bbcnews")
     topic = bbc.classes.index(cfg.topic)
     train = [t for t, y in bbc.train if y == topic][: cfg.n_train]
@@ -118,6 +128,14 @@ def texts(cfg: GenConfig) -> tuple[TextDataset, list[str], list[str], list[str]]
         other = bbc.classes.index(cfg.shifted)
         shifted = [t for t, y in bbc.test if y == other][: cfg.n_eval]
     return bbc, train, held_out, shifted
+
+
+def validation_texts(data: TextDataset, cfg: GenConfig) -> list[str]:
+    """The `n_val` training-split articles of the topic after the first
+    `n_train` (disjoint from the training and the test articles)."""
+    topic = data.classes.index(cfg.topic)
+    ours = [t for t, y in data.train if y == topic]
+    return ours[cfg.n_train : cfg.n_train + cfg.n_val]
 
 
 def lm_batches(items: list[str], tokenizer, cfg: GenConfig) -> BatchList:
@@ -184,8 +202,9 @@ def finetune(model, batches: BatchList, cfg: GenConfig) -> list[float]:
     return losses
 
 
-def fit_posterior(model, batches: BatchList, cfg: GenConfig):
-    """K-FAC Laplace over the LoRA weights on the next-token loss."""
+def fit_posterior(model, batches: BatchList, cfg: GenConfig, val=None):
+    """K-FAC Laplace over the LoRA weights on the next-token loss; the prior
+    by marglik, or ``cfg.prior == "auto"`` on the `val` batches."""
     if cfg.fisher == "ef":
         backend, kwargs = llb.LoRAEF, {}
     else:
@@ -196,7 +215,15 @@ def fit_posterior(model, batches: BatchList, cfg: GenConfig):
     )  # fmt: skip
     torch.manual_seed(cfg.seed)
     la.fit(batches)
-    la.optimize_prior_precision(method="marglik", trust_region=None)
+    if cfg.prior == "auto":
+        lo, hi, n = cfg.grid
+        la.optimize_prior_precision(
+            method="auto", val_loader=val, pred_type="glm", n_samples=cfg.n_samples,
+            trust_region=None, log_prior_prec_min=lo, log_prior_prec_max=hi,
+            grid_size=int(n),
+        )  # fmt: skip
+    else:
+        la.optimize_prior_precision(method="marglik", trust_region=None)
     return la
 
 
@@ -339,7 +366,8 @@ def run(cfg: GenConfig, with_cost: bool = False) -> dict:
     model, tokenizer = build(cfg, data)
     train_b = lm_batches(train, tokenizer, cfg)
     losses = finetune(model, train_b, cfg)
-    la = fit_posterior(model, train_b, cfg)
+    val_b = lm_batches(validation_texts(data, cfg), tokenizer, cfg)
+    la = fit_posterior(model, train_b, cfg, val_b)
     result = {"in_domain": evaluate(la, lm_batches(held_out, tokenizer, cfg), cfg)}
     result["shifted"] = evaluate(la, lm_batches(shifted, tokenizer, cfg), cfg)
     result["mutual_information"] = {
@@ -355,6 +383,7 @@ def run(cfg: GenConfig, with_cost: bool = False) -> dict:
         "train_tokens": sum(int((b["labels"] != -100).sum()) for b in train_b),
         "first_last_train_loss": [losses[0], losses[-1]],
         "prior_precision": la.prior_precision.flatten().tolist(),
+        "prior_choice": la.prior_choice.to_dict() if la.prior_choice else None,
         "n_lora_params": la.n_params,
     }
     result["generation"] = {
@@ -369,13 +398,31 @@ def run(cfg: GenConfig, with_cost: bool = False) -> dict:
     return result
 
 
+def prior_line(cfg: dict) -> str:
+    """How the prior precision was chosen, for the table's caption."""
+    choice = cfg.get("prior_choice")
+    if cfg.get("prior", "marglik") == "marglik" or not choice:
+        return "marglik"
+    line = (
+        f"auto on {cfg['n_val']} held-out articles -> {choice['method']} (val NLL "
+        f"MAP {choice['val_loss_map']:.4f}, marglik {choice['val_loss_marglik']:.4f}"
+    )
+    if choice["grid"]:
+        pairs = ", ".join(
+            f"x{s:.3g}: {v:.4f}"
+            for s, v in zip(choice["grid"], choice["grid_losses"], strict=True)
+        )
+        line += f"; grid {pairs}"
+    return line + f"; chosen {choice['val_loss']:.4f})"
+
+
 def to_markdown(result: dict, command: str) -> str:
     cfg = result["config"]
     lines = [
         f"`{command}`: {cfg['model']}, LoRA r={cfg['r']} on {cfg['targets']}, "
         f"{cfg['n_train']} BBC {cfg['topic']} articles ({cfg['train_tokens']} "
         f"tokens), Fisher {cfg['fisher']}, K={cfg['n_samples']}; shifted: "
-        f"{cfg['shifted']}. {result['seconds']:.0f} s.",
+        f"{cfg['shifted']}. Prior: {prior_line(cfg)}. {result['seconds']:.0f} s.",
         "",
         "| method | NLL in | ECE in | acc in | MI in | NLL shifted | ECE shifted "
         "| acc shifted | MI shifted |",
@@ -468,6 +515,12 @@ def main(argv: list[str] | None = None) -> dict:
         "fine-tuning): writes cost.{json,md}",
     )
     parser.add_argument("--fisher", choices=["mc", "ef"], default="mc")
+    parser.add_argument(
+        "--prior",
+        choices=["marglik", "auto"],
+        default="marglik",
+        help="auto: tuned on held-out articles; writes generation_auto.*",
+    )
     parser.add_argument("--topic", default="business")
     parser.add_argument("--shifted", default="drugreview")
     parser.add_argument("--n-train", type=int)
@@ -478,7 +531,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = GenConfig.tiny() if args.tiny else GenConfig()
-    over = {"fisher": args.fisher, "topic": args.topic, "shifted": args.shifted}
+    over = {
+        "fisher": args.fisher, "topic": args.topic, "shifted": args.shifted,
+        "prior": args.prior,
+    }  # fmt: skip
     if args.device:
         over["device"] = args.device
     for key, value in (
@@ -500,10 +556,9 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     result = run(cfg, with_cost=args.cost)
     result["command"] = command
-    write_results(
-        args.output, "generation", result, to_markdown(result, command), indent=2
-    )
-    plot(result, Path(args.output) / "generation.png")
+    stem = "generation" if cfg.prior == "marglik" else f"generation_{cfg.prior}"
+    write_results(args.output, stem, result, to_markdown(result, command), indent=2)
+    plot(result, Path(args.output) / f"{stem}.png")
     return result
 
 

@@ -25,7 +25,14 @@ from laplace_lora_backend.prior_groups import (
     lora_prior_groups,
     marglik_groups,
 )
-from laplace_lora_backend.prior_validation import grid_search, nll, tune_auto
+from laplace_lora_backend.prior_validation import (
+    grid_search,
+    map_loss,
+    nll,
+    score,
+    tune_auto,
+)
+from laplace_lora_backend.token_validation import TokenValidation, is_token_batch
 from laplace_lora_backend.trust_region import TRUST_RATIO, trust_region_scale
 
 __all__ = ["PriorTuning"]
@@ -168,6 +175,11 @@ class PriorTuning:
         )
         if method == "marglik":
             marglik()
+        elif val_loader is not None and self._token_validation(val_loader):
+            self._tune_on_tokens(
+                method, val_loader, pred_type, n_samples, marglik, log_prior_prec_min,
+                log_prior_prec_max, grid_size, log_prior_prec_base,
+            )  # fmt: skip
         elif method == "gridsearch" and not cached:
             return super().optimize_prior_precision(
                 pred_type,
@@ -266,6 +278,48 @@ class PriorTuning:
         reduce = None if group is None else (lambda t: reduce_tensor(t, group))
         self.trust_region = trust_region_scale(self, batches, ratio, reduce)
 
+    def _token_validation(self, val_loader: Iterable) -> bool:
+        """Whether `val_loader`'s first batch holds next-token labels.
+
+        Returns
+        -------
+        bool
+        """
+        first = next(iter(val_loader), None)
+        return first is not None and is_token_batch(first, self.dict_key_y)
+
+    def _tune_on_tokens(
+        self,
+        method: str,
+        val_loader: Iterable,
+        pred_type: PredType | str,
+        n_samples: int,
+        marglik: Callable[[], None],
+        log_min: float,
+        log_max: float,
+        grid_size: int,
+        base: float,
+    ) -> None:
+        """``"gridsearch"`` / ``"auto"`` of a causal LM by its token NLL.
+
+        ``"gridsearch"``: the grid of prior precisions ``base ** linspace``;
+        ``"auto"``: marglik, kept if its validation NLL is at most MAP's, else
+        the grid scales it (or the posterior is switched off), as for
+        classifiers (`tune_auto`).
+        """
+        kind = str(getattr(pred_type, "value", pred_type))
+        scorer = TokenValidation(
+            self, val_loader, "nn" if kind == "nn" else "glm", n_samples
+        )
+        scales = torch.logspace(log_min, log_max, grid_size, base=base)
+        if method == "gridsearch":
+            best, _ = grid_search(scorer.loss, list(scales))
+            self.prior_precision = scales[best]
+            return
+        self.prior_choice = tune_auto(
+            self, marglik, scales.tolist(), scorer.loss, scorer.map_loss()
+        )
+
     def _tune_on_validation(
         self,
         method: str,
@@ -300,12 +354,11 @@ class PriorTuning:
             self, val_loader, self.dict_key_y, progress_bar, "[Validation Jacobians]"
         )
         link_approx, n_samples = predictive
+        loss_at = partial(score, self, batches, loss, link_approx, n_samples)
         if method == "gridsearch":
-            best, _ = grid_search(
-                self, batches, list(scales), loss, link_approx, n_samples
-            )
+            best, _ = grid_search(loss_at, list(scales))
             self.prior_precision = scales[best]
         else:
-            self.prior_choice = tune_auto(
-                self, batches, marglik, scales.tolist(), loss, link_approx, n_samples
-            )
+            likelihood = str(getattr(self.likelihood, "value", self.likelihood))
+            ref = map_loss(batches, likelihood, loss)
+            self.prior_choice = tune_auto(self, marglik, scales.tolist(), loss_at, ref)

@@ -174,18 +174,22 @@ def map_loss(batches: Batches, likelihood: str, loss: Loss | Any = nll) -> float
     return _evaluate(loss, torch.cat(outs), torch.cat(ys))
 
 
+LossAt = Callable[[torch.Tensor | float], float]
+
+
 def grid_search(
-    la: Any,
-    batches: Batches,
-    grid: Sequence[torch.Tensor | float],
-    loss: Loss | Any = nll,
-    link_approx: str = "probit",
-    n_samples: int = 100,
+    loss_at: LossAt, grid: Sequence[torch.Tensor | float]
 ) -> tuple[int, list[float]]:
     """Index of the grid point with the lowest validation loss, and all losses.
 
-    Every point is scored on the cached Jacobians; the object's prior
-    precision is left at the last grid point (callers set the winner).
+    Parameters
+    ----------
+    loss_at : callable
+        ``loss_at(prior_precision)``: sets the prior precision and returns
+        the validation loss (e.g. `score` on cached Jacobians, or
+        `TokenValidation.loss`). The object's prior precision is left at
+        the last grid point (callers set the winner).
+    grid : Sequence[torch.Tensor or float]
 
     Returns
     -------
@@ -194,19 +198,17 @@ def grid_search(
     losses : list[float]
         The validation loss of every grid point.
     """
-    losses = [score(la, batches, loss, link_approx, n_samples, p) for p in grid]
+    losses = [loss_at(p) for p in grid]
     best = min(range(len(grid)), key=losses.__getitem__)
     return best, losses
 
 
 def tune_auto(
     la: Any,
-    batches: Batches,
     marglik: Callable[[], None],
     grid_scales: Sequence[float],
-    loss: Loss | Any = nll,
-    link_approx: str = "probit",
-    n_samples: int = 100,
+    loss_at: LossAt,
+    ref: float,
 ) -> PriorChoice:
     """Marglik, checked against MAP on validation; grid or MAP as fallback.
 
@@ -214,15 +216,16 @@ def tune_auto(
     ----------
     la : LoRALaplace
         Fitted.
-    batches : Sequence[tuple[JacobianBatch, torch.Tensor]]
-        Validation Jacobians (`jacobian_batches`).
     marglik : callable
         Sets `la.prior_precision` by maximising the marginal likelihood.
     grid_scales : Sequence[float]
         Multiples of the marglik prior precision tried if marglik is worse
         than MAP on validation (keeping its per-tensor structure).
-    loss, link_approx, n_samples
-        As for `score`.
+    loss_at : callable
+        ``loss_at(prior_precision)``: the validation loss of the predictive
+        at a prior precision (see `grid_search`).
+    ref : float
+        MAP's validation loss (`map_loss`, `TokenValidation.map_loss`).
 
     Returns
     -------
@@ -231,8 +234,7 @@ def tune_auto(
     """
     marglik()
     base = la.prior_precision.detach().clone()
-    base_loss = score(la, batches, loss, link_approx, n_samples, base)
-    ref = map_loss(batches, str(getattr(la.likelihood, "value", la.likelihood)), loss)
+    base_loss = loss_at(base)
     choice = PriorChoice(
         method="marglik",
         prior_precision=base.tolist(),
@@ -245,9 +247,7 @@ def tune_auto(
         la.prior_precision = base
         return choice
     scales = [float(s) for s in grid_scales]
-    best, losses = grid_search(
-        la, batches, [base * s for s in scales], loss, link_approx, n_samples
-    )
+    best, losses = grid_search(loss_at, [base * s for s in scales])
     choice.grid, choice.grid_losses = scales, losses
     if losses[best] <= ref:
         prior = base * scales[best]

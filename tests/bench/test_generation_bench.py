@@ -42,3 +42,16 @@ def test_cost_only_run_writes_the_cost_table(tmp_path):
     table = (tmp_path / "cost.md").read_text()
     assert table.count("\n| ") == len(result["cost"]) + 1  # header + one row each
     assert not (tmp_path / "generation.json").exists()
+
+
+def test_auto_prior_run_tunes_on_held_out_articles(tmp_path):
+    main(["--tiny", "--prior", "auto", "--threads", "1", "--output", str(tmp_path)])
+    result = json.loads((tmp_path / "generation_auto.json").read_text())
+    choice = result["config"]["prior_choice"]
+    assert choice["method"] in ("marglik", "gridsearch", "map")
+    assert choice["val_loss"] <= choice["val_loss_map"]
+    assert result["config"]["prior_precision"] == choice["prior_precision"]
+    assert (
+        "auto on 4 held-out articles" in (tmp_path / "generation_auto.md").read_text()
+    )
+    assert not (tmp_path / "generation.json").exists()
