@@ -43,6 +43,7 @@ Writes ``generation.json``, ``generation.md`` and ``generation.png`` under
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import threading
 import time
@@ -314,48 +315,76 @@ class PeakMemory:
             self.bytes = self.peak - self.base
 
 
-def _timed(fn, repeats: int, device: str) -> tuple[float, int]:
-    """Best wall time of `fn` over `repeats` runs, and its peak memory."""
-    best, peak = float("inf"), 0
-    for _ in range(repeats):
-        with PeakMemory(device) as mem:
-            t0 = time.perf_counter()
-            fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-        peak = max(peak, mem.bytes)
-    return best, peak
+def _timed(fn, device: str) -> tuple[float, int]:
+    """Wall time of one call of `fn`, and its peak memory (bytes)."""
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    return seconds, mem.bytes
+
+
+COST_METHODS = (  # name, pred_type, chunk_size
+    ("sampling", "nn", None),
+    ("linearised", "glm", None),  # default: K directions per JVP
+    ("linearised_one_per_jvp", "glm", 1),
+)
 
 
 def cost(la, tokens: torch.Tensor, cfg: GenConfig) -> list[dict]:
-    """Scoring cost per sequence length, in plain forward passes."""
+    """Scoring cost per sequence length, in plain forward passes.
+
+    After one untimed call of each, every repetition times a plain forward
+    pass and then each method, so that each method's time is divided by a
+    forward pass measured just before it (the machine's drift cancels); the
+    median ratio over `cost_repeats` is reported. Peak memory: the largest
+    over the repetitions (CPU: RSS above the baseline, meaningful when freed
+    memory goes back to the system: run with ``MALLOC_MMAP_THRESHOLD_=65536``).
+    """
     rows = []
     K = cfg.n_samples
     for T in cfg.cost_lengths:
         ids = tokens.repeat((T + len(tokens) - 1) // len(tokens))[:T][None]
         x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        with torch.no_grad():
-            plain, plain_mem = _timed(
-                lambda x=x: la.model(x), cfg.cost_repeats, cfg.device
+
+        def forward(x=x) -> None:
+            with torch.no_grad():
+                la.model(x)
+
+        calls = {
+            name: (
+                lambda x=x, p=p, c=c: la.next_token_predictive(x, p, K, chunk_size=c)
             )
-        row = {"tokens": T, "K": K, "forward_s": plain, "forward_peak_mib": 0.0}
-        row["forward_peak_mib"] = plain_mem / 2**20
-        for name, pred_type, chunk in (
-            ("sampling", "nn", None),
-            ("linearised", "glm", None),  # default: K directions per JVP
-            ("linearised_one_per_jvp", "glm", 1),
-        ):
-            s, mem = _timed(
-                lambda x=x, p=pred_type, c=chunk: la.next_token_predictive(
-                    x, p, K, chunk_size=c
-                ),
-                cfg.cost_repeats,
-                cfg.device,
-            )
-            row[f"{name}_s"] = s
-            row[f"{name}_forward_passes"] = s / plain
-            row[f"{name}_peak_mib"] = mem / 2**20
+            for name, p, c in COST_METHODS
+        }
+        forward()
+        for call in calls.values():
+            call()
+        fwd, fwd_mem = [], 0
+        ratios = {name: [] for name in calls}
+        seconds = {name: [] for name in calls}
+        mems = dict.fromkeys(calls, 0)
+        for _ in range(cfg.cost_repeats):
+            for name, call in calls.items():
+                f, m = _timed(forward, cfg.device)
+                fwd.append(f)
+                fwd_mem = max(fwd_mem, m)
+                s, m = _timed(call, cfg.device)
+                seconds[name].append(s)
+                ratios[name].append(s / f)
+                mems[name] = max(mems[name], m)
+        row = {
+            "tokens": T,
+            "K": K,
+            "forward_s": statistics.median(fwd),
+            "forward_peak_mib": fwd_mem / 2**20,
+        }
+        for name in calls:
+            row[f"{name}_s"] = statistics.median(seconds[name])
+            row[f"{name}_forward_passes"] = statistics.median(ratios[name])
+            row[f"{name}_peak_mib"] = mems[name] / 2**20
         rows.append(row)
     return rows
 
@@ -473,7 +502,11 @@ def run_cost(cfg: GenConfig) -> dict:
     rows = cost(la, real, cfg)
     return {
         "cost": rows,
-        "config": {**asdict(cfg), "n_lora_params": la.n_params},
+        "config": {
+            **asdict(cfg),
+            "n_lora_params": la.n_params,
+            "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        },
         "seconds": time.perf_counter() - t0,
     }
 
@@ -548,8 +581,8 @@ def main(argv: list[str] | None = None) -> dict:
         result = {**run_cost(cfg), "command": command}
         cfg_line = (
             f"`{command}`: {cfg.model}, LoRA r={cfg.r} on {cfg.targets}, K="
-            f"{cfg.n_samples}, best of {cfg.cost_repeats}; one sequence per row, "
-            "times in plain forward passes of the same sequence."
+            f"{cfg.n_samples}; one sequence per row; medians of {cfg.cost_repeats} "
+            "ratios to a plain forward pass of the same sequence timed just before."
         )
         md = "\n".join([cfg_line, "", *cost_table(result["cost"])]) + "\n"
         write_results(args.output, "cost", result, md, indent=2)
