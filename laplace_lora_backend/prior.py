@@ -173,9 +173,16 @@ class PriorTuning:
             trust_region,
             train_batches,
         )
+        if val_loader is not None and iter(val_loader) is val_loader:
+            val_loader = list(val_loader)  # a one-shot iterator: read it once
         if method == "marglik":
             marglik()
         elif val_loader is not None and self._token_validation(val_loader):
+            if loss is not None:
+                raise ValueError(
+                    "A language model's prior is tuned by the token NLL of its "
+                    "next-token predictive: leave loss=None."
+                )
             self._tune_on_tokens(
                 method, val_loader, pred_type, n_samples, marglik, log_prior_prec_min,
                 log_prior_prec_max, grid_size, log_prior_prec_base,

@@ -91,3 +91,26 @@ def test_token_validation_names_missing_labels(la_and_val):
     no_targets = [{**val[0], "labels": torch.full_like(val[0]["labels"], -100)}]
     with pytest.raises(ValueError, match="no position with a target"):
         TokenValidation(la, no_targets)
+
+
+def test_token_tuning_reads_a_one_shot_iterator_once_and_refuses_a_custom_loss(
+    la_and_val,
+):
+    la, val = la_and_val
+    # only the first batch has targets: losing it would leave none
+    no_targets = {**val[1], "labels": torch.full_like(val[1]["labels"], -100)}
+    one_shot = iter([val[0], no_targets])
+    la.optimize_prior_precision(
+        method="gridsearch", val_loader=one_shot, pred_type="glm", n_samples=4,
+        log_prior_prec_min=-1, log_prior_prec_max=3, grid_size=5,
+    )  # fmt: skip
+    from_list = float(la.prior_precision.flatten()[0])
+    la.optimize_prior_precision(
+        method="gridsearch", val_loader=[val[0], no_targets], pred_type="glm",
+        n_samples=4, log_prior_prec_min=-1, log_prior_prec_max=3, grid_size=5,
+    )  # fmt: skip
+    assert float(la.prior_precision.flatten()[0]) == from_list
+    with pytest.raises(ValueError, match="leave loss=None"):
+        la.optimize_prior_precision(
+            method="auto", val_loader=val, loss=lambda p, y: 0.0, trust_region=None
+        )
