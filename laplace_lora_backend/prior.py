@@ -32,7 +32,7 @@ from laplace_lora_backend.prior_validation import (
     score,
     tune_auto,
 )
-from laplace_lora_backend.token_validation import TokenValidation, is_token_batch
+from laplace_lora_backend.token_prior import is_token_loader, tune_on_tokens
 from laplace_lora_backend.trust_region import TRUST_RATIO, trust_region_scale
 
 __all__ = ["PriorTuning"]
@@ -175,18 +175,15 @@ class PriorTuning:
         )
         if val_loader is not None and iter(val_loader) is val_loader:
             val_loader = list(val_loader)  # a one-shot iterator: read it once
+        scales = torch.logspace(
+            log_prior_prec_min, log_prior_prec_max, grid_size, base=log_prior_prec_base
+        )
         if method == "marglik":
             marglik()
-        elif val_loader is not None and self._token_validation(val_loader):
-            if loss is not None:
-                raise ValueError(
-                    "A language model's prior is tuned by the token NLL of its "
-                    "next-token predictive: leave loss=None."
-                )
-            self._tune_on_tokens(
-                method, val_loader, pred_type, n_samples, marglik, log_prior_prec_min,
-                log_prior_prec_max, grid_size, log_prior_prec_base,
-            )  # fmt: skip
+        elif is_token_loader(val_loader, self.dict_key_y):
+            tune_on_tokens(self, method, val_loader, (pred_type, n_samples), loss)(
+                marglik, scales
+            )
         elif method == "gridsearch" and not cached:
             return super().optimize_prior_precision(
                 pred_type,
@@ -207,12 +204,6 @@ class PriorTuning:
                 log_prior_prec_base=log_prior_prec_base,
             )
         else:
-            scales = torch.logspace(
-                log_prior_prec_min,
-                log_prior_prec_max,
-                grid_size,
-                base=log_prior_prec_base,
-            )
             self._tune_on_validation(
                 method,
                 cached,
@@ -284,48 +275,6 @@ class PriorTuning:
         group = active_group(self.process_group)
         reduce = None if group is None else (lambda t: reduce_tensor(t, group))
         self.trust_region = trust_region_scale(self, batches, ratio, reduce)
-
-    def _token_validation(self, val_loader: Iterable) -> bool:
-        """Whether `val_loader`'s first batch holds next-token labels.
-
-        Returns
-        -------
-        bool
-        """
-        first = next(iter(val_loader), None)
-        return first is not None and is_token_batch(first, self.dict_key_y)
-
-    def _tune_on_tokens(
-        self,
-        method: str,
-        val_loader: Iterable,
-        pred_type: PredType | str,
-        n_samples: int,
-        marglik: Callable[[], None],
-        log_min: float,
-        log_max: float,
-        grid_size: int,
-        base: float,
-    ) -> None:
-        """``"gridsearch"`` / ``"auto"`` of a causal LM by its token NLL.
-
-        ``"gridsearch"``: the grid of prior precisions ``base ** linspace``;
-        ``"auto"``: marglik, kept if its validation NLL is at most MAP's, else
-        the grid scales it (or the posterior is switched off), as for
-        classifiers (`tune_auto`).
-        """
-        kind = str(getattr(pred_type, "value", pred_type))
-        scorer = TokenValidation(
-            self, val_loader, "nn" if kind == "nn" else "glm", n_samples
-        )
-        scales = torch.logspace(log_min, log_max, grid_size, base=base)
-        if method == "gridsearch":
-            best, _ = grid_search(scorer.loss, list(scales))
-            self.prior_precision = scales[best]
-            return
-        self.prior_choice = tune_auto(
-            self, marglik, scales.tolist(), scorer.loss, scorer.map_loss()
-        )
 
     def _tune_on_validation(
         self,
