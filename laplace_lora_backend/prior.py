@@ -129,6 +129,9 @@ class PriorTuning:
             `lora_prior_groups`). The others are laplace-torch's.
         val_loader : Iterable, optional
             Labelled validation batches (``"gridsearch"`` and ``"auto"``).
+            With next-token labels `(batch, tokens)` (a causal LM), each prior
+            is scored by the token NLL of `next_token_predictive`
+            (`laplace_lora_backend.token_prior`).
         loss : callable or torchmetrics.Metric, optional
             Validation loss ``loss(predictions, targets)``; default: NLL for
             classification, mean squared error for regression.
