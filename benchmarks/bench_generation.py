@@ -30,11 +30,10 @@ Usage::
     python benchmarks/bench_generation.py --cost     # SmolLM2
     python benchmarks/bench_generation.py --tiny     # tiny random Llama, seconds
 
-Expected time of the SmolLM2 run on 2 CPU threads (an estimate, not run: from
-the suite's 5.6 ms per token for a SmolLM2 forward+backward, 38k training
-tokens): fine-tuning ~7 min, MC-Fisher fit ~6 min, scoring 120 texts with
-MAP + 10 samples + 10 JVPs ~15 min, generation ~1 min, ``--cost`` ~4 min:
-about 35-45 minutes (plus ~1 min for the first conversion of the GGUF).
+Measured on this repository's 2-core CPU machine at ``--threads 1`` (the
+other core busy): the SmolLM2 run 66 min (fine-tuning 13, scoring 120 texts
+with MAP, 10 samples and 10 linearised draws most of the rest), ``--prior
+auto`` 62 min, ``--cost-only --n-train 16`` 31 min.
 
 Writes ``generation.json``, ``generation.md`` and ``generation.png`` under
 ``--output`` (default ``benchmarks/results/generation``).

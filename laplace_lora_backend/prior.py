@@ -184,9 +184,8 @@ class PriorTuning:
         if method == "marglik":
             marglik()
         elif is_token_loader(val_loader, self.dict_key_y):
-            tune_on_tokens(self, method, val_loader, (pred_type, n_samples), loss)(
-                marglik, scales
-            )
+            predictive = (pred_type, n_samples)
+            tune_on_tokens(self, method, val_loader, predictive, marglik, scales, loss)
         elif method == "gridsearch" and not cached:
             return super().optimize_prior_precision(
                 pred_type,

@@ -36,9 +36,16 @@ def tune_on_tokens(
     method: str,
     val_loader: Iterable,
     predictive: tuple[Any, int],
+    marglik: Callable[[], None],
+    scales: torch.Tensor,
     loss: Any = None,
-) -> Callable[[Callable[[], None], torch.Tensor], None]:
-    """The tuning of a causal LM's prior by its token NLL on `val_loader`.
+) -> None:
+    """Tune a causal LM's prior by its token NLL on `val_loader`.
+
+    ``"gridsearch"`` sets the prior precision of lowest token NLL among
+    `scales`; ``"auto"`` runs `marglik`, keeps it if its NLL is at most
+    MAP's, else tries multiples `scales` of it, else switches the posterior
+    off (`la.prior_choice` says which).
 
     Parameters
     ----------
@@ -50,16 +57,13 @@ def tune_on_tokens(
     predictive : (pred_type, n_samples)
         ``"nn"`` scores the sampling predictive, anything else the
         linearised one.
+    marglik : callable
+        Sets the marglik prior precision (``"auto"``).
+    scales : torch.Tensor
+        The grid: prior precisions (``"gridsearch"``) or multiples of
+        marglik's (``"auto"``).
     loss : None
         Must be None: the loss is the token NLL.
-
-    Returns
-    -------
-    callable
-        ``tune(marglik, scales)``: ``"gridsearch"`` sets the prior precision
-        of lowest token NLL among `scales`; ``"auto"`` runs `marglik`, keeps
-        it if its NLL is at most MAP's, else tries multiples `scales` of it,
-        else switches the posterior off (`la.prior_choice` says which).
 
     Raises
     ------
@@ -75,14 +79,10 @@ def tune_on_tokens(
     scorer = TokenValidation(
         la, val_loader, "nn" if kind == "nn" else "glm", predictive[1]
     )
-
-    def tune(marglik: Callable[[], None], scales: torch.Tensor) -> None:
-        if method == "gridsearch":
-            best, _ = grid_search(scorer.loss, list(scales))
-            la.prior_precision = scales[best]
-            return
-        la.prior_choice = tune_auto(
-            la, marglik, scales.tolist(), scorer.loss, scorer.map_loss()
-        )
-
-    return tune
+    if method == "gridsearch":
+        best, _ = grid_search(scorer.loss, list(scales))
+        la.prior_precision = scales[best]
+        return
+    la.prior_choice = tune_auto(
+        la, marglik, scales.tolist(), scorer.loss, scorer.map_loss()
+    )

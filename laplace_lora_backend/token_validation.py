@@ -12,6 +12,7 @@ point (common random numbers), so the grid compares priors, not draws.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
@@ -107,7 +108,7 @@ class TokenValidation:
         if prior_precision is not None:
             self.la.prior_precision = prior_precision
         value = self._mean_nll(self.pred_type)
-        return value if torch.isfinite(torch.tensor(value)) else float("inf")
+        return value if math.isfinite(value) else float("inf")
 
     def map_loss(self) -> float:
         """MAP's mean token NLL on the same batches.

@@ -171,6 +171,10 @@ HEADLINE_STAGES = {
 }
 
 
+def _cell_key(cell: dict[str, Any]) -> tuple[str, int, int]:
+    return cell["placement"], cell["tokens"], cell["classes"]
+
+
 def _cell_name(cell: dict[str, Any]) -> str:
     return f"{cell['placement']}, {cell['tokens']} tok, C={cell['classes']}"
 
@@ -331,18 +335,14 @@ def merge(paths: list[str], output: str, name: str = "bench_matrix") -> dict:
                     f"({part['meta'][key]!r} vs {parts[0]['meta'][key]!r})."
                 )
     order = {
-        (c["placement"], c["tokens"], c["classes"]): i
+        _cell_key(c): i
         for i, c in enumerate(cells(list(PLACEMENTS), list(LENGTHS), [3, 5]))
     }
     by_cell: dict[tuple, dict[str, Any]] = {}
     replaced = []
     for part in parts:
         for row in part["rows"]:
-            key = (
-                row["cell"]["placement"],
-                row["cell"]["tokens"],
-                row["cell"]["classes"],
-            )
+            key = _cell_key(row["cell"])
             if key in by_cell:
                 replaced.append(_cell_name(row["cell"]))
             by_cell[key] = row
