@@ -20,20 +20,18 @@ of MAP, LA-sampling (``la.next_token_predictive(x, "nn")``) and LA-linearised
 (``"glm"``, forward-mode JVPs along posterior draws), and the mean mutual
 information of the sampling and the linearised predictive.
 
-``--cost`` also measures, on sequences of growing length, the time of scoring
-with K samples and of the linearised predictive in plain forward passes, and
-the peak memory (CUDA: ``max_memory_allocated``; CPU: the process's peak RSS
-sampled every millisecond, above the baseline).
+The cost of scoring (time in forward passes, peak memory) is
+`bench_generation_cost.py`.
 
 Usage::
 
-    python benchmarks/bench_generation.py --cost     # SmolLM2
+    python benchmarks/bench_generation.py            # SmolLM2
     python benchmarks/bench_generation.py --tiny     # tiny random Llama, seconds
 
 Measured on this repository's 2-core CPU machine at ``--threads 1`` (the
 other core busy): the SmolLM2 run 66 min (fine-tuning 13, scoring 120 texts
 with MAP, 10 samples and 10 linearised draws most of the rest), ``--prior
-auto`` 62 min, ``--cost-only --n-train 16`` 31 min.
+auto`` 62 min.
 
 Writes ``generation.json``, ``generation.md`` and ``generation.png`` under
 ``--output`` (default ``benchmarks/results/generation``).
@@ -42,9 +40,7 @@ Writes ``generation.json``, ``generation.md`` and ``generation.png`` under
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -96,7 +92,6 @@ class GenConfig:
     grid: tuple[float, float, int] = (-1.0, 2.0, 7)  # log10 multiples of marglik
     seed: int = 0
     cost_lengths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
-    cost_repeats: int = 3
     n_prompts: int = 8
     prompt_tokens: int = 24
     new_tokens: int = 16
@@ -106,7 +101,7 @@ class GenConfig:
     def tiny(cls, **kw) -> GenConfig:
         small = dict(
             model="tiny", n_train=24, n_eval=8, n_val=4, max_length=32, epochs=2,
-            lr=3e-3, n_samples=4, cost_lengths=[16, 32, 64], cost_repeats=2,
+            lr=3e-3, n_samples=4, cost_lengths=[16, 32, 64],
             n_prompts=2,
             prompt_tokens=8, new_tokens=4,
         )  # fmt: skip
@@ -281,114 +276,7 @@ def generation(la, tokenizer, items: list[str], cfg: GenConfig) -> dict:
     }
 
 
-class PeakMemory:
-    """Peak memory of a block: CUDA allocator, else sampled RSS (bytes)."""
-
-    def __init__(self, device: str) -> None:
-        self.cuda = device.startswith("cuda")
-
-    def __enter__(self) -> PeakMemory:
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return self
-        import psutil
-
-        self.proc, self.stop = psutil.Process(), False
-        self.base = self.peak = self.proc.memory_info().rss
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-        self.thread.start()
-        return self
-
-    def _poll(self) -> None:
-        while not self.stop:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.001)
-
-    def __exit__(self, *exc) -> None:
-        if self.cuda:
-            self.bytes = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self.stop = True
-            self.thread.join()
-            self.bytes = self.peak - self.base
-
-
-def _timed(fn, device: str) -> tuple[float, int]:
-    """Wall time of one call of `fn`, and its peak memory (bytes)."""
-    with PeakMemory(device) as mem:
-        t0 = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-    return seconds, mem.bytes
-
-
-COST_METHODS = (  # name, pred_type, chunk_size
-    ("sampling", "nn", None),
-    ("linearised", "glm", None),  # default: K directions per JVP
-    ("linearised_one_per_jvp", "glm", 1),
-)
-
-
-def cost(la, tokens: torch.Tensor, cfg: GenConfig) -> list[dict]:
-    """Scoring cost per sequence length, in plain forward passes.
-
-    After one untimed call of each, every repetition times a plain forward
-    pass and then each method, so that each method's time is divided by a
-    forward pass measured just before it (the machine's drift cancels); the
-    median ratio over `cost_repeats` is reported. Peak memory: the largest
-    over the repetitions (CPU: RSS above the baseline, meaningful when freed
-    memory goes back to the system: run with ``MALLOC_MMAP_THRESHOLD_=65536``).
-    """
-    rows = []
-    K = cfg.n_samples
-    for T in cfg.cost_lengths:
-        ids = tokens.repeat((T + len(tokens) - 1) // len(tokens))[:T][None]
-        x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-        def forward(x=x) -> None:
-            with torch.no_grad():
-                la.model(x)
-
-        calls = {
-            name: (
-                lambda x=x, p=p, c=c: la.next_token_predictive(x, p, K, chunk_size=c)
-            )
-            for name, p, c in COST_METHODS
-        }
-        forward()
-        for call in calls.values():
-            call()
-        fwd, fwd_mem = [], 0
-        ratios = {name: [] for name in calls}
-        seconds = {name: [] for name in calls}
-        mems = dict.fromkeys(calls, 0)
-        for _ in range(cfg.cost_repeats):
-            for name, call in calls.items():
-                f, m = _timed(forward, cfg.device)
-                fwd.append(f)
-                fwd_mem = max(fwd_mem, m)
-                s, m = _timed(call, cfg.device)
-                seconds[name].append(s)
-                ratios[name].append(s / f)
-                mems[name] = max(mems[name], m)
-        row = {
-            "tokens": T,
-            "K": K,
-            "forward_s": statistics.median(fwd),
-            "forward_peak_mib": fwd_mem / 2**20,
-        }
-        for name in calls:
-            row[f"{name}_s"] = statistics.median(seconds[name])
-            row[f"{name}_forward_passes"] = statistics.median(ratios[name])
-            row[f"{name}_peak_mib"] = mems[name] / 2**20
-        rows.append(row)
-    return rows
-
-
-def run(cfg: GenConfig, with_cost: bool = False) -> dict:
+def run(cfg: GenConfig) -> dict:
     t0 = time.perf_counter()
     data, train, held_out, shifted = texts(cfg)
     model, tokenizer = build(cfg, data)
@@ -418,10 +306,6 @@ def run(cfg: GenConfig, with_cost: bool = False) -> dict:
         side: generation(la, tokenizer, items, cfg)
         for side, items in (("in_domain", held_out), ("shifted", shifted))
     }
-    if with_cost:
-        first = train_b[0]
-        real = first["input_ids"][0][first["attention_mask"][0].bool()]
-        result["cost"] = cost(la, real, cfg)
     result["seconds"] = time.perf_counter() - t0
     return result
 
@@ -463,51 +347,7 @@ def to_markdown(result: dict, command: str) -> str:
             f"{a['mutual_information']:.4f} | {b['nll']:.4f} | {b['ece']:.4f} | "
             f"{b['acc']:.3f} | {b['mutual_information']:.4f} |"
         )
-    if "cost" in result:
-        lines += ["", *cost_table(result["cost"])]
     return "\n".join(lines) + "\n"
-
-
-def cost_table(rows: list[dict]) -> list[str]:
-    """Markdown lines of the cost rows (`cost`)."""
-    lines = [
-        "| tokens | forward s | sampling (fwd passes) | linearised (fwd passes) "
-        "| linearised, 1 direction per JVP (fwd passes) | peak MiB fwd / "
-        "sampling / linearised / linearised 1 per JVP |",
-        "|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['tokens']} | {r['forward_s']:.4f} | "
-            f"{r['sampling_forward_passes']:.2f} | "
-            f"{r['linearised_forward_passes']:.2f} | "
-            f"{r['linearised_one_per_jvp_forward_passes']:.2f} | "
-            f"{r['forward_peak_mib']:.1f} / {r['sampling_peak_mib']:.1f} / "
-            f"{r['linearised_peak_mib']:.1f} / "
-            f"{r['linearised_one_per_jvp_peak_mib']:.1f} |"
-        )
-    return lines
-
-
-def run_cost(cfg: GenConfig) -> dict:
-    """`cost` alone, with a posterior fitted on the first `n_train` articles
-    (the scoring cost does not depend on the posterior's data)."""
-    t0 = time.perf_counter()
-    data, train, _, _ = texts(cfg)
-    model, tokenizer = build(cfg, data)
-    train_b = lm_batches(train, tokenizer, cfg)
-    la = fit_posterior(model, train_b, cfg)
-    real = train_b[0]["input_ids"][0][train_b[0]["attention_mask"][0].bool()]
-    rows = cost(la, real, cfg)
-    return {
-        "cost": rows,
-        "config": {
-            **asdict(cfg),
-            "n_lora_params": la.n_params,
-            "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
-        },
-        "seconds": time.perf_counter() - t0,
-    }
 
 
 def plot(result: dict, path: Path) -> None:
@@ -539,13 +379,6 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = script_parser(__doc__, repeats=None)
     parser.add_argument("--tiny", action="store_true", help="tiny random Llama")
-    parser.add_argument("--cost", action="store_true", help="also the cost table")
-    parser.add_argument(
-        "--cost-only",
-        action="store_true",
-        help="only the cost table (posterior of --n-train articles, no "
-        "fine-tuning): writes cost.{json,md}",
-    )
     parser.add_argument("--fisher", choices=["mc", "ef"], default="mc")
     parser.add_argument(
         "--prior",
@@ -576,17 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
             over[key] = value
     cfg = replace(cfg, **over)
     command = command_line("benchmarks/bench_generation.py", argv)
-    if args.cost_only:
-        result = {**run_cost(cfg), "command": command}
-        cfg_line = (
-            f"`{command}`: {cfg.model}, LoRA r={cfg.r} on {cfg.targets}, K="
-            f"{cfg.n_samples}; one sequence per row; medians of {cfg.cost_repeats} "
-            "ratios to a plain forward pass of the same sequence timed just before."
-        )
-        md = "\n".join([cfg_line, "", *cost_table(result["cost"])]) + "\n"
-        write_results(args.output, "cost", result, md, indent=2)
-        return result
-    result = run(cfg, with_cost=args.cost)
+    result = run(cfg)
     result["command"] = command
     stem = "generation" if cfg.prior == "marglik" else f"generation_{cfg.prior}"
     write_results(args.output, stem, result, to_markdown(result, command), indent=2)

@@ -41,7 +41,7 @@ import torch
 from laplace_lora_backend.curvature.token_loss import checked_mask
 from laplace_lora_backend.hf_models import HFLogitsModel
 from laplace_lora_backend.next_token import check_token_logits
-from laplace_lora_backend.uncertainty import SoftmaxAverage, entropy
+from laplace_lora_backend.uncertainty import SoftmaxAverage
 
 __all__ = ["GenerationOutput", "LaplaceGeneration"]
 
@@ -246,10 +246,10 @@ class LaplaceGeneration:
                 self._set_lora_weights(sample)
                 logits, caches[k] = _lm_step(lm, new, mask, caches[k])
                 average.add(logits)
-            probs, _, mutual = average.result()
+            probs, total, _, mutual = average.result()
             token = torch.where(done, pad, pick(probs))
             out.append(token)
-            ent.append(entropy(probs))
+            ent.append(total)
             mi.append(mutual)
             done = done | (token == eos) if eos is not None else done
             new = token[:, None]

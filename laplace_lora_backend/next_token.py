@@ -136,6 +136,18 @@ def check_token_logits(f: Any) -> torch.Tensor:
     return f
 
 
+@torch.no_grad()
+def _head_logits(split: DecoderHead, h: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
+    """``head(h + dh)``: the linearised logits of one hidden-state tangent.
+
+    Returns
+    -------
+    torch.Tensor
+        `(batch, tokens, V)`.
+    """
+    return split.head(h + dh)
+
+
 class NextTokenPredictive:
     """`next_token_predictive`: a mixin of `LoRALaplace`.
 
@@ -192,16 +204,20 @@ class NextTokenPredictive:
         x = x.to(self._device) if isinstance(x, torch.Tensor) else x
         if pred_type == "map":
             with torch.no_grad():
-                samples: Iterator[torch.Tensor] = iter([self.model(x)])
-        elif pred_type == "nn":
+                f = check_token_logits(self.model(x))
+                probs = f.to(torch.promote_types(f.dtype, torch.float32)).softmax(-1)
+            total = entropy(probs)
+            return TokenPredictive(probs, total, total, torch.zeros_like(total))
+        if pred_type == "nn":
             samples = self._sampled_outputs(x, int(n_samples), generator)
         else:
             samples = self.linearised_logits(x, int(n_samples), generator, chunk_size)
         average = SoftmaxAverage()
         for f in samples:
             average.add(check_token_logits(f))
-        probs, expected, mutual = average.result()
-        return TokenPredictive(probs, entropy(probs), expected, mutual)
+            del f  # freed before the next sample's forward pass
+        probs, total, expected, mutual = average.result()
+        return TokenPredictive(probs, total, expected, mutual)
 
     def linearised_logits(
         self,
@@ -243,9 +259,8 @@ class NextTokenPredictive:
         for chunk in deltas.split(max(1, int(chunk_size or n_samples))):
             h, dhs = self.logits_and_jvp(x, chunk, split)
             for dh in dhs:
-                with torch.no_grad():  # not around the yield: the caller's mode
-                    logits = split.head(h + dh)
-                yield logits
+                # no name holds the logits while the generator is suspended
+                yield _head_logits(split, h, dh)
 
     def decoder_head_split(self, x: Any) -> DecoderHead | None:
         """The model's decoder/linear-head split, checked on the first batch.

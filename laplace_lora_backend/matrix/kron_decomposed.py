@@ -226,16 +226,17 @@ class LoRAKronDecomposed(KronDecomposed):
             cur += n_out * n_in
             if not self._is_lowrank(vals):
                 Q1, Q2, eig = self._dense_block(vecs, vals, delta)
-                res = Q1 @ ((Q1.T @ Wp @ Q2) * eig.pow(exponent)) @ Q2.T
+                M = _left_mm(Q1.T, Wp @ Q2) * eig.pow(exponent)
+                res = _left_mm(Q1, M @ Q2.T)
             else:
                 Q, U, lam, mu, wide_left = self._lowrank_parts(vecs, vals, delta)
                 Wr = Wp.transpose(1, 2) if wide_left else Wp  # (BK, n_small, d)
-                W1 = Q.T @ Wr
+                W1 = _left_mm(Q.T, Wr)
                 A = W1 @ U
                 R = (A * lam.pow(exponent)) @ U.T
                 if mu is not None:
                     R = R + mu.pow(exponent)[:, None] * (W1 - A @ U.T)
-                res = Q @ R
+                res = _left_mm(Q, R)
                 if wide_left:
                     res = res.transpose(1, 2)
             out.append(res.reshape(B * K, n_out * n_in))
@@ -268,12 +269,12 @@ class LoRAKronDecomposed(KronDecomposed):
             cur += n_out * n_in
             if not self._is_lowrank(vals):
                 Q1, Q2, eig = self._dense_block(vecs, vals, delta)
-                M = Q1.T @ Wp @ Q2
+                M = _left_mm(Q1.T, Wp @ Q2)
                 out = out + torch.einsum("bkij,blij->bkl", M * eig.reciprocal(), M)
                 continue
             Q, U, lam, mu, wide_left = self._lowrank_parts(vecs, vals, delta)
             Wr = Wp.transpose(2, 3) if wide_left else Wp  # (B, K, n_small, d)
-            W1 = Q.T @ Wr
+            W1 = _left_mm(Q.T, Wr)
             A = W1 @ U
             out = out + torch.einsum("bkij,blij->bkl", A * lam.reciprocal(), A)
             if mu is not None:
@@ -333,6 +334,24 @@ class LoRAKronDecomposed(KronDecomposed):
             Qk = kron(Q1, Q2)
             blocks.append(Qk @ torch.diag(eig.pow(exponent).flatten()) @ Qk.T)
         return block_diag(blocks)
+
+
+def _left_mm(Q: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``Q @ X`` for a square `Q` `(n, n)` and a batch `X` `(..., n, m)`.
+
+    A wide `Q` times a narrow `X` is one folded product ``X^T Q^T``
+    (`(... * m, n) @ (n, n)`) instead of a batch of `(n, n) @ (n, m)`
+    products, which BLAS runs several times slower for small `m` (a LoRA
+    `B` block: `n` the layer's width, `m` the rank).
+
+    Returns
+    -------
+    torch.Tensor
+        `(..., n, m)`.
+    """
+    if Q.shape[-1] <= X.shape[-1]:
+        return Q @ X
+    return (X.mT @ Q.mT).mT
 
 
 def _is_scalar(value: float | int | torch.Tensor) -> bool:
