@@ -28,16 +28,20 @@ EVERY position is a model average of softmaxes over `K` posterior samples:
   vectorised JVP (`torch.func.vmap`) gives `h` and its `K` tangents
   ``dh_k = J_h delta_k``, `(K, batch, tokens, H)`, sharing one primal
   pass; then ``f_lin_k = head(h + dh_k)`` exactly (the head is affine),
-  one head product per sample. About ``K + 1`` forward passes, and the
-  vocabulary-wide memory is one logits tensor at a time. Otherwise (a LoRA
-  or post-processed head, a non-HF model) the whole model is linearised,
-  `chunk_size` directions per JVP: about ``2 K`` forward passes with one
-  direction at a time, ``K + 1`` with all `K` at `K` logit tensors of
-  memory.
+  one head product per sample: ``K + 1`` decoder passes and `K` head
+  products, plus forward-mode AD's tangent arithmetic, which through eager
+  attention grows with the length (SmolLM2, `K = 10`, one CPU thread:
+  12.6 forward passes at 128 tokens, 22 at 512,
+  `benchmarks/bench_generation_cost.py`); the `K` tangents of the
+  attention scores, `(K, heads, T, T)`, are its largest memory, which
+  `chunk_size` bounds. Otherwise (a LoRA or post-processed head, a non-HF
+  model) the whole model is linearised, `chunk_size` directions per JVP:
+  about ``3 K`` forward passes with one direction at a time.
 - ``pred_type="map"``: the MAP softmax (one pass; zero mutual information).
 
 Memory: the running average (`SoftmaxAverage`) holds the average and the
-current sample's logits, `(batch, tokens, V)` each, whatever `K`; no
+current sample's logits, `(batch, tokens, V)` each, whatever `K` (each
+sample's softmax and entropy are computed slice by slice of rows); no
 Jacobian and no covariance of the logits is ever formed. The posterior
 samples themselves, `(K, P)`, come from laplace-torch's `sample`.
 

@@ -10,6 +10,7 @@ import torch
 from benchmarks.bench_generation import METHODS, main
 from benchmarks.bench_generation_cost import cpu_peak_bytes
 from benchmarks.bench_generation_cost import main as cost_main
+from benchmarks.profile_linearised import main as profile_main
 
 
 def test_tiny_run_writes_json_of_the_agreed_shape(tmp_path):
@@ -77,3 +78,14 @@ def test_auto_prior_run_tunes_on_held_out_articles(tmp_path):
         "auto on 4 held-out articles" in (tmp_path / "generation_auto.md").read_text()
     )
     assert not (tmp_path / "generation.json").exists()
+
+
+def test_linearised_profile_reports_times_and_operator_shares(tmp_path):
+    argv = ["--tiny", "--tokens", "16", "--chunks", "4", "2", "--repeats", "1"]
+    profile_main([*argv, "--output", str(tmp_path)])
+    result = json.loads((tmp_path / "profile_linearised.json").read_text())
+    assert set(result["jvp_s"]) == {"4", "2"} and result["decoder_s"] > 0
+    for key in ("jvp_ops", "decoder_ops"):
+        shares = [o["share"] for o in result[key]]
+        assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    assert "decoder passes" in (tmp_path / "profile_linearised.md").read_text()
