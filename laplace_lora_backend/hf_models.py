@@ -23,6 +23,13 @@ __all__ = [
     "is_hf_model",
 ]
 
+TANGENT_SCORES_BYTES = 48 * 2**20
+"""Bound on one layer's attention-score tangents of a vectorised decoder JVP,
+``(directions, batch, heads, T, T)`` in float32 (`DecoderHead.directions_per_jvp`).
+They grow with the square of the length; on SmolLM2 at 512 tokens, 10
+directions at once (90 MiB) ran 1.4x slower than 5 at a time
+(`benchmarks/profile_linearised.py`)."""
+
 
 def is_hf_model(model: nn.Module) -> bool:
     """Whether `model` is a transformers model or a PEFT model around one.
@@ -129,6 +136,29 @@ class DecoderHead:
         else:
             kwargs = {k: v for k, v in batch.items() if k not in self.drop_keys}
         return {**kwargs, "use_cache": False}
+
+    def directions_per_jvp(
+        self, batch: torch.Tensor | MutableMapping[str, Any], n_directions: int
+    ) -> int:
+        """How many directions one vectorised JVP of the decoder takes.
+
+        All `n_directions`, or fewer so that their tangents of one layer's
+        attention scores, ``c * batch * heads * T^2`` float32 entries (heads
+        from the decoder's ``config.num_attention_heads``, else 1), stay under
+        `TANGENT_SCORES_BYTES`; at least one.
+
+        Returns
+        -------
+        int
+        """
+        kwargs = self.decoder_kwargs(batch)
+        ref = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if not isinstance(ref, torch.Tensor) or ref.ndim < 2:
+            return n_directions
+        config = getattr(self.decoder, "config", None)
+        heads = int(getattr(config, "num_attention_heads", None) or 1)
+        per_direction = ref.shape[0] * heads * ref.shape[1] ** 2 * 4
+        return max(1, min(n_directions, TANGENT_SCORES_BYTES // per_direction))
 
     def hidden_states(
         self, batch: torch.Tensor | MutableMapping[str, Any]

@@ -34,9 +34,11 @@ EVERY position is a model average of softmaxes over `K` posterior samples:
   12.6 forward passes at 128 tokens, 22 at 512,
   `benchmarks/bench_generation_cost.py`); the `K` tangents of the
   attention scores, `(K, heads, T, T)`, are its largest memory, which
-  `chunk_size` bounds. Otherwise (a LoRA or post-processed head, a non-HF
-  model) the whole model is linearised, `chunk_size` directions per JVP:
-  about ``3 K`` forward passes with one direction at a time.
+  the default `chunk_size` bounds (`DecoderHead.directions_per_jvp`: fewer
+  directions per JVP at long lengths, one more primal pass each).
+  Otherwise (a LoRA or post-processed head, a non-HF model) the whole
+  model is linearised, `chunk_size` directions per JVP: about ``3 K``
+  forward passes with one direction at a time.
 - ``pred_type="map"``: the MAP softmax (one pass; zero mutual information).
 
 Memory: the running average (`SoftmaxAverage`) holds the average and the
@@ -182,10 +184,12 @@ class NextTokenPredictive:
         generator : torch.Generator, optional
             For the posterior samples.
         chunk_size : int, optional
-            ``"glm"``: directions per vectorised JVP. Default: all `K` where
-            the model splits into decoder and linear head (`K` hidden-state
-            tangents of memory), else 1 (one tangent logit tensor); see the
-            module docstring for the costs.
+            ``"glm"``: directions per vectorised JVP. Default: where the
+            model splits into decoder and linear head, all `K` or fewer so
+            that the tangents of the attention scores stay under
+            `TANGENT_SCORES_BYTES` (`DecoderHead.directions_per_jvp`), else 1
+            (one tangent logit tensor); see the module docstring for the
+            costs.
 
         Returns
         -------
@@ -244,8 +248,8 @@ class NextTokenPredictive:
         n_samples : int
         generator : torch.Generator, optional
         chunk_size : int, optional
-            Directions per JVP; default: `n_samples` with the decoder/head
-            split, else 1.
+            Directions per JVP; default: `DecoderHead.directions_per_jvp`
+            with the decoder/head split, else 1.
 
         Yields
         ------
@@ -260,7 +264,8 @@ class NextTokenPredictive:
                 for jvp in jvps:
                     yield f + jvp
             return
-        for chunk in deltas.split(max(1, int(chunk_size or n_samples))):
+        per_jvp = chunk_size or split.directions_per_jvp(x, n_samples)
+        for chunk in deltas.split(max(1, int(per_jvp))):
             h, dhs = self.logits_and_jvp(x, chunk, split)
             for dh in dhs:
                 # no name holds the logits while the generator is suspended

@@ -25,6 +25,8 @@ from helpers import (
 )
 from laplace import Laplace
 
+from laplace_lora_backend import hf_models
+
 
 @pytest.fixture(scope="module")
 def fitted():
@@ -139,6 +141,41 @@ def test_linearised_predictive_is_the_average_over_jacobian_draws(arch, targets,
     )
     # forward vs reverse mode through RMSNorm's float32 computation
     assert rel_err(got.probs, probs) < 1e-6
+
+
+def test_long_inputs_take_fewer_directions_per_jvp(fitted, monkeypatch):
+    """The default chunk bounds the attention-score tangents; the predictive
+    is the same whatever the chunks (same draws)."""
+    la, x = fitted
+    split = la.decoder_head_split(x)
+    B, T = x["input_ids"].shape
+    heads = split.decoder.config.num_attention_heads
+    per_direction = B * heads * T * T * 4
+    K = 5
+    monkeypatch.setattr(hf_models, "TANGENT_SCORES_BYTES", 2 * per_direction + 1)
+    assert split.directions_per_jvp(x, K) == 2
+    assert split.directions_per_jvp(x["input_ids"], K) == 2  # a tensor batch
+    calls = []
+    original = type(la).logits_and_jvp
+
+    def spy(self, x, directions, split=None):
+        calls.append(directions.shape[0])
+        return original(self, x, directions, split)
+
+    monkeypatch.setattr(type(la), "logits_and_jvp", spy)
+    g = torch.Generator
+    got = la.next_token_predictive(x, "glm", K, generator=g().manual_seed(7))
+    assert calls == [2, 2, 1]
+    whole = la.next_token_predictive(
+        x, "glm", K, generator=g().manual_seed(7), chunk_size=K
+    )
+    assert calls[3:] == [K]
+    assert rel_err(got.probs, whole.probs) < 1e-10
+    assert rel_err(got.mutual_information, whole.mutual_information) < 1e-8
+    monkeypatch.setattr(hf_models, "TANGENT_SCORES_BYTES", 1)
+    assert split.directions_per_jvp(x, K) == 1
+    monkeypatch.setattr(hf_models, "TANGENT_SCORES_BYTES", 2**40)
+    assert split.directions_per_jvp(x, K) == K
 
 
 def test_linearised_predictive_matches_exact_glm_predictive(fitted):
