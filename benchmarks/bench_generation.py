@@ -222,6 +222,37 @@ def fit_posterior(model, batches: BatchList, cfg: GenConfig, val=None):
     return la
 
 
+def posterior_without_finetuning(cfg: GenConfig):
+    """The LoRA model and its posterior on the first `n_train` articles, not
+    fine-tuned (what the cost measurements need), and the first article's
+    real tokens.
+
+    Returns
+    -------
+    la : LoRALaplace
+    tokens : torch.Tensor
+        `(n,)` token ids.
+    """
+    data, train, _, _ = texts(cfg)
+    model, tokenizer = build(cfg, data)
+    train_b = lm_batches(train, tokenizer, cfg)
+    la = fit_posterior(model, train_b, cfg)
+    first = train_b[0]
+    return la, first["input_ids"][0][first["attention_mask"][0].bool()]
+
+
+def one_sequence(tokens: torch.Tensor, length: int) -> dict:
+    """A one-row batch of `length` tokens: `tokens` repeated and cut.
+
+    Returns
+    -------
+    dict
+        ``input_ids`` and ``attention_mask``, `(1, length)`.
+    """
+    ids = tokens.repeat((length + len(tokens) - 1) // len(tokens))[:length][None]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
 def evaluate(la, batches: BatchList, cfg: GenConfig) -> dict:
     """Token NLL, top-1 ECE and mean mutual information of each method."""
     out = {}

@@ -52,10 +52,8 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from benchmarks.bench_generation import (  # noqa: E402
     GenConfig,
-    build,
-    fit_posterior,
-    lm_batches,
-    texts,
+    one_sequence,
+    posterior_without_finetuning,
 )
 from benchmarks.common import command_line, script_parser, write_results  # noqa: E402
 
@@ -184,18 +182,12 @@ def run(cfg: GenConfig, repeats: int) -> dict:
     dict
     """
     t0 = time.perf_counter()
-    data, train, _, _ = texts(cfg)
-    model, tokenizer = build(cfg, data)
-    train_b = lm_batches(train, tokenizer, cfg)
-    la = fit_posterior(model, train_b, cfg)
-    first = train_b[0]
-    tokens = first["input_ids"][0][first["attention_mask"][0].bool()]
+    la, tokens = posterior_without_finetuning(cfg)
     with torch.no_grad():
         vocab = la.model(tokens[None, :1]).shape[-1]
     rows = []
     for i, T in enumerate(tqdm(cfg.cost_lengths, desc="lengths")):
-        ids = tokens.repeat((T + len(tokens) - 1) // len(tokens))[:T][None]
-        x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        x = one_sequence(tokens, T)
         rows.append(cost_row(la, x, cfg, vocab, repeats, warm_up=i == 0))
     return {
         "cost": rows,

@@ -29,10 +29,8 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from benchmarks.bench_generation import (  # noqa: E402
     GenConfig,
-    build,
-    fit_posterior,
-    lm_batches,
-    texts,
+    one_sequence,
+    posterior_without_finetuning,
 )
 from benchmarks.common import command_line, script_parser, write_results  # noqa: E402
 
@@ -77,14 +75,8 @@ def op_shares(fn, top: int) -> list[dict]:
 
 
 def run(cfg: GenConfig, tokens: int, chunks: list[int], repeats: int) -> dict:
-    data, train, _, _ = texts(cfg)
-    model, tokenizer = build(cfg, data)
-    train_b = lm_batches(train, tokenizer, cfg)
-    la = fit_posterior(model, train_b, cfg)
-    first = train_b[0]
-    real = first["input_ids"][0][first["attention_mask"][0].bool()]
-    ids = real.repeat((tokens + len(real) - 1) // len(real))[:tokens][None]
-    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    la, real = posterior_without_finetuning(cfg)
+    x = one_sequence(real, tokens)
     split = la.decoder_head_split(x)
     deltas = la.sample(cfg.n_samples, torch.Generator().manual_seed(0)) - la.mean
 

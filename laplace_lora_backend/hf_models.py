@@ -26,9 +26,10 @@ __all__ = [
 TANGENT_SCORES_BYTES = 48 * 2**20
 """Bound on one layer's attention-score tangents of a vectorised decoder JVP,
 ``(directions, batch, heads, T, T)`` in float32 (`DecoderHead.directions_per_jvp`).
-They grow with the square of the length; on SmolLM2 at 512 tokens, 10
-directions at once (90 MiB) ran 1.4x slower than 5 at a time
-(`benchmarks/profile_linearised.py`)."""
+They grow with the square of the length: on SmolLM2 at 512 tokens, 5
+directions per JVP instead of 10 (90 MiB) cut the predictive's peak memory
+from 396 to 323 MiB at the same time within noise
+(`benchmarks/bench_generation_cost.py`)."""
 
 
 def is_hf_model(model: nn.Module) -> bool:
