@@ -215,7 +215,7 @@ class NextTokenPredictive:
                 f = check_token_logits(self.model(x))
                 probs = f.to(torch.promote_types(f.dtype, torch.float32)).softmax(-1)
             total = entropy(probs)
-            return TokenPredictive(probs, total, total, torch.zeros_like(total))
+            return TokenPredictive(probs, total, total.clone(), torch.zeros_like(total))
         if pred_type == "nn":
             samples = self._sampled_outputs(x, int(n_samples), generator)
         else:

@@ -94,7 +94,8 @@ class SoftmaxAverage:
     softmax `p`, added into the accumulator, and the entropy
     ``lse - <p, f>`` with ``lse = max f - log max p`` (no logarithm over the
     vocabulary), so no other tensor of the logits' size is ever allocated.
-    Logits of ``-inf`` get probability 0 and add 0 to the entropy; NaN
+    Logits of ``-inf`` get probability 0 and add 0 to the entropy (a row of
+    only ``-inf`` counts as uniform, where a plain softmax gives NaN); NaN
     logits give NaN.
 
     Parameters
