@@ -59,7 +59,7 @@ import torch  # noqa: E402
 from laplace import Laplace  # noqa: E402
 
 import laplace_lora_backend  # noqa: E402,F401
-from benchmarks.common import write_results  # noqa: E402
+from benchmarks.common import timed, write_results  # noqa: E402
 from benchmarks.suite.measure import error_message, peak_rss_bytes, rss_bytes  # noqa: E402
 from laplace_lora_backend.llm.answer_tokens import (  # noqa: E402
     AnswerTokenClassifier,
@@ -246,26 +246,6 @@ class Loader(list):
 
 
 # -------------------------------------------------------------- measuring
-def sync(device: str) -> None:
-    """Wait for queued GPU work."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], Any], device: str) -> tuple[Any, float]:
-    """`fn()` and its wall-clock seconds.
-
-    Returns
-    -------
-    tuple[Any, float]
-    """
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - t0
-
-
 def fwd_bwd(model: torch.nn.Module, train: list) -> None:
     """One plain forward + backward (cross-entropy) over the training batches."""
     for b in train:

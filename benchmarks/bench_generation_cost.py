@@ -55,7 +55,12 @@ from benchmarks.bench_generation import (  # noqa: E402
     one_sequence,
     posterior_without_finetuning,
 )
-from benchmarks.common import command_line, script_parser, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    command_line,
+    script_parser,
+    timed,
+    write_results,
+)
 
 METHODS = (  # name, pred_type, chunk_size
     ("sampling", "nn", None),
@@ -109,20 +114,6 @@ def peak_bytes(fn: Callable[[], object], device: str) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def seconds(fn: Callable[[], object], device: str) -> float:
-    """Wall time of one call.
-
-    Returns
-    -------
-    float
-    """
-    t0 = time.perf_counter()
-    fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
 def cost_row(
     la, x: dict, cfg: GenConfig, vocab: int, repeats: int, warm_up: bool
 ) -> dict:
@@ -149,8 +140,8 @@ def cost_row(
     fwd, ratios, secs = [], {n: [] for n in calls}, {n: [] for n in calls}
     for _ in range(repeats):
         for name, call in calls.items():
-            f = seconds(forward, cfg.device)
-            s = seconds(call, cfg.device)
+            _, f = timed(forward, cfg.device)
+            _, s = timed(call, cfg.device)
             fwd.append(f)
             secs[name].append(s)
             ratios[name].append(s / f)

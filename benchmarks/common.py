@@ -7,12 +7,14 @@ import argparse
 import json
 import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["command_line", "machine", "script_parser", "write_results"]
+__all__ = ["command_line", "machine", "script_parser", "sync", "timed", "write_results"]
 
 
 def script_parser(
@@ -63,3 +65,23 @@ def write_results(
     (out / f"{stem}.json").write_text(json.dumps(result, indent=indent))
     (out / f"{stem}.md").write_text(markdown)
     print(markdown)
+
+
+def sync(device: str) -> None:
+    """Wait for queued GPU work."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], device: str) -> tuple[Any, float]:
+    """`fn()` and its wall-clock seconds (queued GPU work waited for).
+
+    Returns
+    -------
+    tuple[Any, float]
+    """
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0

@@ -18,7 +18,7 @@ Writes ``profile_linearised.md`` and ``.json`` under ``--output`` (default
 from __future__ import annotations
 
 import sys
-import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,22 +32,22 @@ from benchmarks.bench_generation import (  # noqa: E402
     one_sequence,
     posterior_without_finetuning,
 )
-from benchmarks.common import command_line, script_parser, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    command_line,
+    script_parser,
+    timed,
+    write_results,
+)
 
 
-def best_of(fn, n: int) -> float:
+def best_of(fn: Callable[[], object], n: int) -> float:
     """Fastest of `n` calls (s).
 
     Returns
     -------
     float
     """
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return min(out)
+    return min(timed(fn, "cpu")[1] for _ in range(n))
 
 
 def op_shares(fn, top: int) -> list[dict]:
