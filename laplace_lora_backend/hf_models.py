@@ -21,14 +21,16 @@ __all__ = [
     "as_logits_model",
     "decoder_and_head",
     "is_hf_model",
+    "pretrained_model",
 ]
 
 TANGENT_SCORES_BYTES = 48 * 2**20
-"""Bound on one layer's attention-score tangents of a vectorised decoder JVP,
-``(directions, batch, heads, T, T)`` in float32 (`DecoderHead.directions_per_jvp`).
-They grow with the square of the length: on SmolLM2 at 512 tokens, 5
-directions per JVP instead of 10 (90 MiB) cut the predictive's peak memory
-from 396 to 323 MiB at the same time within noise
+"""Bound on one layer's attention-score tangents of a vectorised decoder JVP
+through eager attention, ``(directions, batch, heads, T, T)`` in float32
+(`DecoderHead.directions_per_jvp`; `tangent_attention` needs none: it works
+by row blocks). They grow with the square of the length: on SmolLM2 at 512
+tokens, 5 directions per JVP instead of 10 (90 MiB) cut the predictive's
+peak memory from 396 to 323 MiB at the same time within noise
 (`benchmarks/bench_generation_cost.py`)."""
 
 
@@ -47,6 +49,23 @@ def is_hf_model(model: nn.Module) -> bool:
     if isinstance(model, PeftModel):
         model = model.get_base_model()
     return isinstance(model, PreTrainedModel)
+
+
+def pretrained_model(model: nn.Module) -> nn.Module | None:
+    """The transformers model an `HFLogitsModel` calls (inside PEFT's wrapper).
+
+    Returns
+    -------
+    transformers.PreTrainedModel or None
+        None for any other model.
+    """
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+    inner = model.model if isinstance(model, HFLogitsModel) else None
+    if isinstance(inner, PeftModel):
+        inner = inner.get_base_model()
+    return inner if isinstance(inner, PreTrainedModel) else None
 
 
 class HFLogitsModel(nn.Module):

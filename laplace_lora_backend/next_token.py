@@ -29,13 +29,14 @@ EVERY position is a model average of softmaxes over `K` posterior samples:
   ``dh_k = J_h delta_k``, `(K, batch, tokens, H)`, sharing one primal
   pass; then ``f_lin_k = head(h + dh_k)`` exactly (the head is affine),
   one head product per sample: ``K + 1`` decoder passes and `K` head
-  products, plus forward-mode AD's tangent arithmetic, which through eager
-  attention grows with the length (SmolLM2, `K = 10`, one CPU thread:
-  12.6 forward passes at 128 tokens, 22 at 512,
-  `benchmarks/bench_generation_cost.py`); the `K` tangents of the
-  attention scores, `(K, heads, T, T)`, are its largest memory, which
-  the default `chunk_size` bounds (`DecoderHead.directions_per_jvp`: fewer
-  directions per JVP at long lengths, one more primal pass each).
+  products, plus attention's tangents: by `attention.tangent_attention`
+  (closed form, query rows by blocks: memory linear in the length) where
+  it reproduces the model's eager attention on the first batch
+  (`jvp_attention`; Llama, Mistral, Qwen, GPT-2..., loaded with SDPA or
+  not), else by AD through the eager attention, whose `(K, heads, T, T)`
+  score tangents the default `chunk_size` bounds
+  (`DecoderHead.directions_per_jvp`). Costs in forward passes:
+  `benchmarks/bench_generation_cost.py`.
   Otherwise (a LoRA or post-processed head, a non-HF model) the whole
   model is linearised, `chunk_size` directions per JVP: about ``3 K``
   forward passes with one direction at a time.
@@ -55,13 +56,24 @@ information (epistemic) at every position.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from laplace_lora_backend.attention import (
+    TANGENT_ATTENTIONS,
+    attention_implementation,
+    jvp_attention,
+    tangent_directions,
+)
 from laplace_lora_backend.curvature.token_loss import target_mask
-from laplace_lora_backend.hf_models import DecoderHead, decoder_and_head
+from laplace_lora_backend.hf_models import (
+    DecoderHead,
+    decoder_and_head,
+    pretrained_model,
+)
 from laplace_lora_backend.uncertainty import SoftmaxAverage, entropy
 
 __all__ = ["NextTokenPredictive", "TokenPredictive", "check_token_logits"]
@@ -185,9 +197,10 @@ class NextTokenPredictive:
             For the posterior samples.
         chunk_size : int, optional
             ``"glm"``: directions per vectorised JVP. Default: where the
-            model splits into decoder and linear head, all `K` or fewer so
-            that the tangents of the attention scores stay under
-            `TANGENT_SCORES_BYTES` (`DecoderHead.directions_per_jvp`), else 1
+            model splits into decoder and linear head, all `K` (through
+            `tangent_attention`), or, through eager attention, fewer so that
+            the tangents of the attention scores stay under
+            `TANGENT_SCORES_BYTES` (`DecoderHead.directions_per_jvp`); else 1
             (one tangent logit tensor); see the module docstring for the
             costs.
 
@@ -248,8 +261,7 @@ class NextTokenPredictive:
         n_samples : int
         generator : torch.Generator, optional
         chunk_size : int, optional
-            Directions per JVP; default: `DecoderHead.directions_per_jvp`
-            with the decoder/head split, else 1.
+            Directions per JVP; default: as `next_token_predictive`.
 
         Yields
         ------
@@ -264,7 +276,11 @@ class NextTokenPredictive:
                 for jvp in jvps:
                     yield f + jvp
             return
-        per_jvp = chunk_size or split.directions_per_jvp(x, n_samples)
+        per_jvp = chunk_size or (
+            n_samples
+            if self.jvp_attention(x) in TANGENT_ATTENTIONS
+            else split.directions_per_jvp(x, n_samples)
+        )
         for chunk in deltas.split(max(1, int(per_jvp))):
             h, dhs = self.logits_and_jvp(x, chunk, split)
             for dh in dhs:
@@ -293,6 +309,28 @@ class NextTokenPredictive:
             }.issuperset(id(p) for p in self.params)
             self._decoder_head = split if inside else None
         return self._decoder_head
+
+    def jvp_attention(self, x: Any) -> str | None:
+        """The attention JVPs go through, chosen on the first batch.
+
+        `attention.jvp_attention`, checked on the decoder (with the
+        decoder/head split) or the whole model.
+
+        Parameters
+        ----------
+        x : torch.Tensor or MutableMapping
+            A batch on the model's device (for the check).
+
+        Returns
+        -------
+        str or None
+        """
+        if not hasattr(self, "_jvp_attention"):
+            split = self.decoder_head_split(x)
+            call = self.model if split is None else split.hidden_states
+            base = pretrained_model(self.model)
+            self._jvp_attention = jvp_attention(base, lambda: call(x))
+        return self._jvp_attention
 
     def logits_and_jvp(
         self,
@@ -349,8 +387,13 @@ class NextTokenPredictive:
         def jvp(*t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return torch.func.jvp(forward, primals, t)
 
-        with torch.no_grad():
+        attention = self.jvp_attention(x)
+        with ExitStack() as switched, torch.no_grad():
+            if attention is not None:
+                base = pretrained_model(self.model)
+                switched.enter_context(attention_implementation(base, attention))
             if directions.ndim == 1:
                 return jvp(*tangents)
+            switched.enter_context(tangent_directions(directions.shape[0]))
             f, jvps = torch.func.vmap(jvp, out_dims=(None, 0))(*tangents)
         return f, jvps

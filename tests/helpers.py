@@ -88,7 +88,9 @@ def make_lm(arch: str, seed: int = 0, vocab: int = VOCAB) -> nn.Module:
         )
         lm = GPT2LMHeadModel(cfg)
         targets = ["c_attn"]
-    elif arch == "gemma2-softcap":  # logits = 30 tanh(lm_head(h) / 30)
+    elif arch in ("gemma2-softcap", "gemma2"):
+        # gemma2-softcap: logits = 30 tanh(lm_head(h) / 30); both soft-cap
+        # the attention scores (50 tanh(s / 50), Gemma-2's default)
         cfg = Gemma2Config(
             vocab_size=vocab,
             hidden_size=32,
@@ -98,7 +100,7 @@ def make_lm(arch: str, seed: int = 0, vocab: int = VOCAB) -> nn.Module:
             num_key_value_heads=2,
             head_dim=8,
             max_position_embeddings=64,
-            final_logit_softcapping=30.0,
+            final_logit_softcapping=30.0 if arch == "gemma2-softcap" else None,
             attn_implementation="eager",
         )
         lm = Gemma2ForCausalLM(cfg)

@@ -25,6 +25,7 @@ LAYERS = {
     "errors": 0,
     "matrix": 0,
     "curvature": 1,
+    "attention": 1,
     "_adapter_check": 2,
     "_settings_codec": 2,
     "glm": 2,

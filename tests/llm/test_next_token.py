@@ -25,7 +25,7 @@ from helpers import (
 )
 from laplace import Laplace
 
-from laplace_lora_backend import hf_models
+from laplace_lora_backend import attention, hf_models
 
 
 @pytest.fixture(scope="module")
@@ -143,18 +143,8 @@ def test_linearised_predictive_is_the_average_over_jacobian_draws(arch, targets,
     assert rel_err(got.probs, probs) < 1e-6
 
 
-def test_long_inputs_take_fewer_directions_per_jvp(fitted, monkeypatch):
-    """The default chunk bounds the attention-score tangents; the predictive
-    is the same whatever the chunks (same draws)."""
-    la, x = fitted
-    split = la.decoder_head_split(x)
-    B, T = x["input_ids"].shape
-    heads = split.decoder.config.num_attention_heads
-    per_direction = B * heads * T * T * 4
-    K = 5
-    monkeypatch.setattr(hf_models, "TANGENT_SCORES_BYTES", 2 * per_direction + 1)
-    assert split.directions_per_jvp(x, K) == 2
-    assert split.directions_per_jvp(x["input_ids"], K) == 2  # a tensor batch
+def _spy_on_jvps(la, monkeypatch) -> list[int]:
+    """Directions of each `logits_and_jvp` call of `la`'s class, in order."""
     calls = []
     original = type(la).logits_and_jvp
 
@@ -163,6 +153,39 @@ def test_long_inputs_take_fewer_directions_per_jvp(fitted, monkeypatch):
         return original(self, x, directions, split)
 
     monkeypatch.setattr(type(la), "logits_and_jvp", spy)
+    return calls
+
+
+def test_tangent_attention_takes_every_direction_in_one_jvp(fitted, monkeypatch):
+    """Its memory is bounded by row blocks (test_tangent_attention), so the
+    default pushes all K directions at once, even where the eager
+    attention's bound would split them."""
+    la, x = fitted
+    assert la.jvp_attention(x) == attention.ATTENTION_NAME
+    monkeypatch.setattr(hf_models, "TANGENT_SCORES_BYTES", 1)
+    calls = _spy_on_jvps(la, monkeypatch)
+    K = 5
+    la.next_token_predictive(x, "glm", K, generator=torch.Generator().manual_seed(7))
+    assert calls == [K]
+
+
+def test_eager_attention_takes_fewer_directions_per_jvp_on_long_inputs(monkeypatch):
+    """Gemma-2 soft-caps its attention scores: linearised through its eager
+    attention, whose score tangents the default chunk bounds; the predictive
+    is the same whatever the chunks (same draws)."""
+    la = lm_laplace(make_peft_causal_lm(arch="gemma2"), prior_precision=4.0)
+    la.fit(make_loader(make_lm_batch(n=6, T=6, seed=1), batch_size=3))
+    x = make_lm_batch(n=2, T=4, seed=2)
+    split = la.decoder_head_split(x)
+    assert split is not None and la.jvp_attention(x) == "eager"
+    B, T = x["input_ids"].shape
+    heads = split.decoder.config.num_attention_heads
+    per_direction = B * heads * T * T * 4
+    K = 5
+    monkeypatch.setattr(hf_models, "TANGENT_SCORES_BYTES", 2 * per_direction + 1)
+    assert split.directions_per_jvp(x, K) == 2
+    assert split.directions_per_jvp(x["input_ids"], K) == 2  # a tensor batch
+    calls = _spy_on_jvps(la, monkeypatch)
     g = torch.Generator
     got = la.next_token_predictive(x, "glm", K, generator=g().manual_seed(7))
     assert calls == [2, 2, 1]
@@ -176,6 +199,43 @@ def test_long_inputs_take_fewer_directions_per_jvp(fitted, monkeypatch):
     assert split.directions_per_jvp(x, K) == 1
     monkeypatch.setattr(hf_models, "TANGENT_SCORES_BYTES", 2**40)
     assert split.directions_per_jvp(x, K) == K
+    # the brute-force reference: the dense Jacobian along the same draws
+    J, f_map = _dense_jacobian(la, x)
+    deltas = la.sample(K, g().manual_seed(7)) - la.mean
+    probs = torch.stack([(f_map + J @ d).softmax(-1) for d in deltas]).mean(0)
+    assert rel_err(got.probs, probs) < 1e-6
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_linearised_predictive_of_an_sdpa_model(fitted, implementation):
+    """SDPA (transformers' default) has no forward-mode derivative: the JVPs
+    go through the tangent attention, and the model keeps its own
+    implementation, also after an error inside the JVP."""
+    la, x = fitted
+    K = 4
+    ref = la.next_token_predictive(
+        x, "glm", K, generator=torch.Generator().manual_seed(5)
+    )
+    lm = hf_models.pretrained_model(la.model)
+    before = lm.config._attn_implementation
+    la2 = lm_laplace(la.model, prior_precision=4.0)  # the same posterior
+    la2.fit(make_loader(make_lm_batch(n=6, T=6, seed=1), batch_size=3))
+    lm.set_attn_implementation(implementation)
+    try:
+        got = la2.next_token_predictive(
+            x, "glm", K, generator=torch.Generator().manual_seed(5)
+        )
+        assert la2.jvp_attention(x) == attention.ATTENTION_NAME
+        assert lm.config._attn_implementation == implementation
+        assert rel_err(got.probs, ref.probs) < 1e-10
+        with pytest.raises(RuntimeError, match="size"):  # a wrong direction
+            la2.logits_and_jvp(x, torch.zeros(2, la2.n_params + 1, dtype=torch.double))
+        assert lm.config._attn_implementation == implementation
+        assert lm.model.layers[0].self_attn.config._attn_implementation == (
+            implementation
+        )
+    finally:
+        lm.set_attn_implementation(before)
 
 
 def test_linearised_predictive_matches_exact_glm_predictive(fitted):
