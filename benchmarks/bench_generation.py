@@ -157,7 +157,8 @@ def lm_batches(items: list[str], tokenizer, cfg: GenConfig) -> BatchList:
 
 
 def build(cfg: GenConfig, data: TextDataset):
-    """PEFT LoRA causal LM (eager attention: forward-mode AD) and tokenizer."""
+    """PEFT LoRA causal LM (eager attention: the cost ratios divide by its
+    forward pass) and tokenizer."""
     torch.manual_seed(cfg.seed)
     if cfg.model == "tiny":
         lm, tokenizer = tiny_model_and_tokenizer(data, cfg.seed)
