@@ -8,6 +8,7 @@ the model's eager attention computes its softmax in float32.
 
 from __future__ import annotations
 
+import model_zoo
 import pytest
 import torch
 from helpers import make_lm, rel_err
@@ -151,6 +152,7 @@ def test_options_it_does_not_reproduce_are_refused():
     module = nn.Module().eval()
     out, weights = _call(module, scaling=0.3, sliding_window=4, position_ids=None)
     assert out.shape == (1, 3, 4, 8) and weights is None
+    _call(module, scaling=0.3, output_router_logits=True)  # a flag: fine
     for kwargs in (
         {},  # no scaling
         {"scaling": 0.3, "softcap": 50.0},  # Gemma-2
@@ -238,3 +240,25 @@ def test_a_mask_per_head_or_shared(heads_in_mask):
     got = torch.func.jvp(attention(ta.native_tangent_attention), (q, k, v), tangents)
     assert rel_err(got[0], ref[0]) < 1e-12
     assert rel_err(got[1], ref[1]) < 1e-12
+
+
+@pytest.mark.parametrize(
+    "family", [f for f, spec in model_zoo.FAMILIES.items() if spec[1] is not None]
+)
+def test_every_causal_family_of_the_zoo(family):
+    """Each family's causal LM either gets a tangent attention whose JVP is
+    forward-mode AD's through its own eager attention (to the float32
+    softmax's precision), or is refused (then linearised through eager)."""
+    make_config, causal_cls, _, _ = model_zoo.FAMILIES[family]
+    torch.manual_seed(0)
+    config = make_config()
+    config._attn_implementation = "sdpa"  # transformers' default
+    lm = causal_cls(config).double().eval()
+    x = _batch()
+    name = ta.matching_tangent_attention(lm, lambda: lm(**x).logits)
+    assert name in ta.TANGENT_ATTENTIONS, f"{family}: {name}"
+    assert lm.config._attn_implementation == "sdpa"
+    h_ref, dh_ref = _decoder_jvp(lm, "eager", x)
+    h, dh = _decoder_jvp(lm, name, x)
+    assert rel_err(h, h_ref) < 1e-12
+    assert rel_err(dh, dh_ref) < 1e-6
