@@ -101,3 +101,37 @@ def test_peft_modules_to_save_wrapper_attributes_we_read():
     )
     for attr in ("active_adapters", "disable_adapters"):
         assert isinstance(getattr(ModulesToSaveWrapper, attr), property), attr
+
+
+def test_transformers_attention_conventions_we_rely_on():
+    """attention/switch.py: a config's `_attn_implementation` (read, and set
+    through the public `set_attn_implementation`, which takes nested dicts
+    per sub-config), and each modeling file's module-level
+    `eager_attention_forward`, the default its attention layers pass to
+    `AttentionInterface.get_interface` (the model's own eager attention)."""
+    import transformers as tf
+    from transformers.models.gpt2 import modeling_gpt2
+    from transformers.models.llama import modeling_llama
+
+    from laplace_lora_backend.attention import eager_attention_of
+
+    assert isinstance(tf.PretrainedConfig._attn_implementation, property)
+    params = inspect.signature(tf.PreTrainedModel.set_attn_implementation).parameters
+    assert "attn_implementation" in params
+    for modeling in (modeling_llama, modeling_gpt2):
+        source = inspect.getsource(modeling)
+        assert "get_interface(" in source and "eager_attention_forward" in source, (
+            f"{modeling.__name__} no longer defaults to eager_attention_forward"
+        )
+    lm = tf.LlamaForCausalLM(
+        tf.LlamaConfig(
+            vocab_size=8,
+            hidden_size=8,
+            intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )  # fmt: skip
+    )
+    attn = lm.model.layers[0].self_attn
+    assert eager_attention_of(attn) is modeling_llama.eager_attention_forward

@@ -2,33 +2,104 @@
 
 transformers picks a model's attention function by the name in its config
 (`set_attn_implementation`, public). For a JVP this module switches it to a
-tangent attention (`attention.tangent`) where that reproduces the model's
-own eager attention, else to eager attention (SDPA and flash attention have
-no forward-mode derivative), and always back afterwards.
+tangent attention (`attention.tangent`) where that computes the model's own
+eager attention, else to eager attention (SDPA and flash attention have no
+forward-mode derivative), and always back afterwards, sub-model by
+sub-model. The switch changes the model's config for the duration of the
+call: a forward pass of the same model in another thread meanwhile would
+run the tangent attention too.
+
+The check (`matching_tangent_attention`) runs the model once with
+`CHECK_NAME`: every attention call computes the model's own eager attention
+(which the forward pass goes on with) and, on the same inputs in float64,
+both tangent attentions and the eager attention again, and records the
+largest relative difference of each tangent attention over the calls.
 """
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
 
 import torch
-from transformers import PreTrainedModel
+from torch import nn
+from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
+from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    AttentionMaskInterface,
+)
 
 from laplace_lora_backend.attention.tangent import (
     TANGENT_ATTENTIONS,
     UnsupportedAttentionError,
+    native_tangent_attention,
+    tangent_attention,
 )
 
-__all__ = ["attention_implementation", "jvp_attention", "matching_tangent_attention"]
+__all__ = [
+    "CHECK_NAME",
+    "CHECK_TOLERANCE",
+    "attention_implementation",
+    "eager_attention_of",
+    "jvp_attention",
+    "matching_tangent_attention",
+]
+
+CHECK_NAME = "laplace_lora_tangent_check"
+
+CHECK_TOLERANCE = 1e-6
+"""Largest relative difference, in float64 on the same inputs, between a
+tangent attention and the model's eager attention that is accepted: above
+the float32 rounding of a softmax (a model that takes it in float32 against
+the tangent attention that does not, ~1e-7), below the effect of a different
+formula (extra scaling, soft-capping: 1e-4 and more)."""
+
+_RECORD: ContextVar[dict[str, float] | None] = ContextVar("check", default=None)
+
+
+def _configs(model: nn.Module) -> list[PretrainedConfig]:
+    """Every distinct config of `model` and its sub-modules.
+
+    Returns
+    -------
+    list[transformers.PretrainedConfig]
+    """
+    found = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if isinstance(config, PretrainedConfig):
+            found[id(config)] = config
+    return list(found.values())
+
+
+def _implementations(config: PretrainedConfig) -> str | dict:
+    """The config's attention implementation and its sub-configs', nested.
+
+    In the form `set_attn_implementation` takes.
+
+    Returns
+    -------
+    str or dict
+    """
+    subs = {}
+    for key in getattr(config, "sub_configs", {}):
+        sub = getattr(config, key, None)
+        if isinstance(sub, PretrainedConfig):
+            subs[key] = _implementations(sub)
+    own = config._attn_implementation
+    return {"": own, **subs} if subs else own
 
 
 @contextmanager
 def attention_implementation(model: PreTrainedModel, name: str) -> Iterator[None]:
     """Switch `model`'s attention implementation, restored on exit.
 
-    Through transformers' public `set_attn_implementation` (the model and
-    every sub-model sharing or nesting its config).
+    Through transformers' public `set_attn_implementation`; on exit each
+    sub-config gets back its own implementation.
 
     Parameters
     ----------
@@ -39,68 +110,150 @@ def attention_implementation(model: PreTrainedModel, name: str) -> Iterator[None
     Raises
     ------
     UnsupportedAttentionError
-        If the model cannot switch (its attention does not dispatch through
-        transformers' `AttentionInterface`); nothing is changed then.
+        If the model or one of its sub-models cannot switch (attention that
+        does not dispatch through transformers' `AttentionInterface`).
     """
-    before = model.config._attn_implementation
-    if before == name:
+    configs = _configs(model)
+    if all(c._attn_implementation == name for c in configs):
         yield
         return
-    model.set_attn_implementation(name)
+    saved = _implementations(model.config)
     try:
-        if model.config._attn_implementation != name:
+        model.set_attn_implementation(name)
+        stuck = [type(c).__name__ for c in configs if c._attn_implementation != name]
+        if stuck:
             raise UnsupportedAttentionError(
-                f"{type(model).__name__} cannot switch its attention to {name!r}."
+                f"{type(model).__name__} cannot switch its attention to {name!r} "
+                f"(stays: {stuck})."
             )
         yield
     finally:
-        model.set_attn_implementation(before)
+        model.set_attn_implementation(saved)
+
+
+def eager_attention_of(module: nn.Module) -> Callable | None:
+    """The eager attention function of an attention layer's model family.
+
+    transformers' convention: the modeling file that defines the layer's
+    class has a module-level ``eager_attention_forward``, the default the
+    layer passes to `AttentionInterface.get_interface` (pinned by
+    `tests/test_upstream_api.py`).
+
+    Returns
+    -------
+    callable or None
+    """
+    found = getattr(
+        sys.modules.get(type(module).__module__), "eager_attention_forward", None
+    )
+    return found if callable(found) else None
+
+
+def _float64(t: Any) -> Any:
+    if isinstance(t, torch.Tensor) and t.is_floating_point():
+        return t.double()
+    return t
+
+
+def _relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
+    """``||got - reference|| / ||reference||``, positions NaN in both left out.
+
+    Returns
+    -------
+    float
+        inf for another shape or a NaN in only one of them.
+    """
+    if got.shape != reference.shape:
+        return math.inf
+    both = got.isnan() & reference.isnan()
+    diff = torch.where(both, 0.0, got - reference)
+    ref = torch.where(both, 0.0, reference)
+    if diff.isnan().any():
+        return math.inf
+    return (diff.norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def _checking_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *args: Any,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
+    """The model's eager attention, compared with both tangent attentions.
+
+    Returns
+    -------
+    tuple
+        The eager attention's output.
+
+    Raises
+    ------
+    UnsupportedAttentionError
+        Outside `matching_tangent_attention`, or for a layer without an
+        eager attention function (`eager_attention_of`).
+    """
+    eager, record = eager_attention_of(module), _RECORD.get()
+    if eager is None or record is None:
+        raise UnsupportedAttentionError(f"{type(module).__name__}: no eager attention.")
+    out = eager(module, query, key, value, attention_mask, *args, **kwargs)
+    wide = [_float64(t) for t in (query, key, value, attention_mask)]
+    reference = eager(module, *wide, *args, **kwargs)[0]
+    for name, attend in zip(
+        TANGENT_ATTENTIONS, (tangent_attention, native_tangent_attention), strict=True
+    ):
+        try:
+            error = _relative_error(
+                attend(module, *wide, *args, **kwargs)[0], reference
+            )
+        except (UnsupportedAttentionError, RuntimeError):
+            error = math.inf  # refused, or inputs it cannot take
+        record[name] = max(record.get(name, 0.0), error)
+    return out
+
+
+AttentionInterface.register(CHECK_NAME, _checking_attention)
+AttentionMaskInterface.register(CHECK_NAME, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
 
 
 def matching_tangent_attention(
-    model: PreTrainedModel, run: Callable[[], torch.Tensor]
+    model: PreTrainedModel, run: Callable[[], Any]
 ) -> str | None:
     """The tangent attention that computes `model`'s own eager attention.
 
-    Runs `run` (e.g. the decoder on the user's batch) without gradients with
-    the model's eager attention and with each tangent attention (one where
-    both softmax precisions coincide, i.e. float32 models), and keeps the
-    closest, if within ``max(1e-5, 16 eps)`` of the output's norm (blocks
-    and grouped heads change the order of the sums; a different formula,
-    e.g. soft-capping or extra scaling, changes the output at order one).
+    Runs `run` (e.g. the decoder on the user's batch) once without gradients
+    with `CHECK_NAME` (module docstring) and keeps the tangent attention
+    with the smaller largest difference, if it is within `CHECK_TOLERANCE`.
 
     Parameters
     ----------
     model : transformers.PreTrainedModel
     run : callable
-        Returns a floating-point tensor computed by `model`.
+        A forward pass of `model`.
 
     Returns
     -------
     str or None
-        `ATTENTION_NAME` or `NATIVE_ATTENTION_NAME`; None when no tangent
-        attention matches, a call is refused (`UnsupportedAttentionError`)
-        or the model cannot switch.
+        `ATTENTION_NAME` (softmax in float32, as Llama) or
+        `NATIVE_ATTENTION_NAME` (as GPT-2); None when neither matches, a
+        call is refused, no attention call went through transformers'
+        interface, or the model cannot switch.
     """
-    errors = {}
+    record: dict[str, float] = {}
+    token = _RECORD.set(record)
     try:
-        with torch.no_grad():
-            with attention_implementation(model, "eager"):
-                reference = run().double()
-            for name in TANGENT_ATTENTIONS:
-                with attention_implementation(model, name):
-                    got = run()
-                if got.shape == reference.shape:
-                    errors[name] = (got.double() - reference).norm().item()
-                if got.dtype == torch.float32:
-                    break  # both softmax precisions are the same computation
+        with torch.no_grad(), attention_implementation(model, CHECK_NAME):
+            run()
     except UnsupportedAttentionError:
         return None
-    if not errors:
+    finally:
+        _RECORD.reset(token)
+    if not record:
         return None
-    name = min(errors, key=errors.__getitem__)
-    tol = max(1e-5, 16 * torch.finfo(got.dtype).eps) * reference.norm().item()
-    return name if errors[name] <= tol else None
+    name = min(record, key=record.__getitem__)
+    return name if record[name] <= CHECK_TOLERANCE else None
 
 
 def jvp_attention(

@@ -162,7 +162,7 @@ def _block_mask(
     """
     if mask is None:
         return None
-    m = mask[:, :, rows]
+    m = mask if mask.shape[2] == 1 else mask[:, :, rows]  # broadcast queries
     if m.shape[1] == 1:
         return m.unsqueeze(2)
     return m.reshape(m.shape[0], kv_heads, groups, m.shape[2], m.shape[3])

@@ -228,8 +228,18 @@ def test_linearised_predictive_of_an_sdpa_model(fitted, implementation):
         assert la2.jvp_attention(x) == attention.ATTENTION_NAME
         assert lm.config._attn_implementation == implementation
         assert rel_err(got.probs, ref.probs) < 1e-10
-        with pytest.raises(RuntimeError, match="size"):  # a wrong direction
-            la2.logits_and_jvp(x, torch.zeros(2, la2.n_params + 1, dtype=torch.double))
+
+        # an error inside the JVP, while the tangent attention is switched on
+        def fail(module, args, output):
+            assert lm.config._attn_implementation == attention.ATTENTION_NAME
+            raise RuntimeError("inside the JVP")
+
+        handle = lm.model.layers[1].register_forward_hook(fail)
+        try:
+            with pytest.raises(RuntimeError, match="inside the JVP"):
+                la2.logits_and_jvp(x, torch.zeros(2, la2.n_params, dtype=torch.double))
+        finally:
+            handle.remove()
         assert lm.config._attn_implementation == implementation
         assert lm.model.layers[0].self_attn.config._attn_implementation == (
             implementation
