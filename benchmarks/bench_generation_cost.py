@@ -182,7 +182,13 @@ def run(cfg: GenConfig, repeats: int) -> dict:
         rows.append(cost_row(la, x, cfg, vocab, repeats, warm_up=i == 0))
     return {
         "cost": rows,
-        "config": {**asdict(cfg), "repeats": repeats, "n_lora_params": la.n_params},
+        "config": {
+            **asdict(cfg),
+            "repeats": repeats,
+            "n_lora_params": la.n_params,
+            # the attention the linearised predictive's JVPs went through
+            "jvp_attention": la.jvp_attention(one_sequence(tokens, 8)),
+        },
         "seconds": time.perf_counter() - t0,
     }
 
@@ -200,7 +206,8 @@ def to_markdown(result: dict, command: str) -> str:
         f"K={cfg['n_samples']}, one sequence; time: medians of {cfg['repeats']} "
         "ratios to a plain forward pass timed just before; memory: peak live "
         "tensor bytes above the start of one call, and the excess over the "
-        f"forward pass's peak in logits tensors. {result['seconds']:.0f} s.",
+        f"forward pass's peak in logits tensors; JVPs through "
+        f"`{cfg.get('jvp_attention')}` attention. {result['seconds']:.0f} s.",
         "",
         "| tokens | forward s | sampling (fwd passes) | linearised (fwd passes) "
         "| linearised, 1 direction per JVP (fwd passes) | logits MiB | peak MiB "
