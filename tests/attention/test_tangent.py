@@ -42,6 +42,21 @@ AttentionInterface.register(REFERENCE, _reference_attention)
 AttentionMaskInterface.register(REFERENCE, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
 
 
+def _assert_direct_jvp_matches_reference(q, k, v, mask):
+    """`native_tangent_attention` called directly: output and JVP along random
+    tangents of q, k, v equal forward-mode AD through the float64 reference."""
+    tangents = tuple(torch.randn_like(t) for t in (q, k, v))
+    module = nn.Module().eval()
+
+    def attention(fn):
+        return lambda q, k, v: fn(module, q, k, v, mask, scaling=0.35)[0]
+
+    ref = torch.func.jvp(attention(_reference_attention), (q, k, v), tangents)
+    got = torch.func.jvp(attention(ta.native_tangent_attention), (q, k, v), tangents)
+    assert rel_err(got[0], ref[0]) < 1e-12
+    assert rel_err(got[1], ref[1]) < 1e-12
+
+
 def _model(arch: str, dtype=torch.float64):
     lm, _ = make_lm(arch)
     return lm.to(dtype).eval()
@@ -232,16 +247,7 @@ def test_a_mask_per_head_or_shared(heads_in_mask):
     k, v = (torch.randn(2, 2, 5, 8, generator=g, dtype=torch.float64) for _ in "kv")
     mask = torch.randn(2, heads_in_mask, 5, 5, generator=g, dtype=torch.float64)
     mask[..., 0, 3:] = torch.finfo(torch.float64).min  # hidden keys
-    tangents = tuple(torch.randn_like(t) for t in (q, k, v))
-    module = nn.Module().eval()
-
-    def attention(fn):
-        return lambda q, k, v: fn(module, q, k, v, mask, scaling=0.35)[0]
-
-    ref = torch.func.jvp(attention(_reference_attention), (q, k, v), tangents)
-    got = torch.func.jvp(attention(ta.native_tangent_attention), (q, k, v), tangents)
-    assert rel_err(got[0], ref[0]) < 1e-12
-    assert rel_err(got[1], ref[1]) < 1e-12
+    _assert_direct_jvp_matches_reference(q, k, v, mask)
 
 
 @pytest.mark.parametrize(
@@ -324,16 +330,7 @@ def test_left_padding_and_masks_that_broadcast(monkeypatch):
     k, v = (torch.randn(2, 2, 5, 8, generator=g, dtype=torch.float64) for _ in "kv")
     mask = torch.zeros(2, 1, 1, 5, dtype=torch.float64)
     mask[1, ..., :2] = torch.finfo(torch.float64).min  # padding keys
-    tangents = tuple(torch.randn_like(t) for t in (q, k, v))
-    module = nn.Module().eval()
-
-    def attention(fn):
-        return lambda q, k, v: fn(module, q, k, v, mask, scaling=0.35)[0]
-
-    ref = torch.func.jvp(attention(_reference_attention), (q, k, v), tangents)
-    got = torch.func.jvp(attention(ta.native_tangent_attention), (q, k, v), tangents)
-    assert rel_err(got[0], ref[0]) < 1e-12
-    assert rel_err(got[1], ref[1]) < 1e-12
+    _assert_direct_jvp_matches_reference(q, k, v, mask)
 
 
 def test_each_sub_model_gets_its_own_attention_back():
