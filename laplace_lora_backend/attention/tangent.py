@@ -22,10 +22,10 @@ query rows:
     \dot O = \dot P v + P \dot v,
 
 with the grouped key/value heads of GQA used in place (no `repeat_kv` copy)
-and the softmax and its tangent either in float32 whatever the input's dtype (Llama's
-eager attention, `ATTENTION_NAME`) or in the input's dtype (GPT-2's,
-`NATIVE_ATTENTION_NAME`). A block holds about
-`TANGENT_BLOCK_BYTES` of score tangents whatever the length, so memory grows
+and the softmax and its tangent either in float32 whatever the input's dtype
+(Llama's eager attention, `ATTENTION_NAME`) or in the input's dtype (GPT-2's,
+`NATIVE_ATTENTION_NAME`). A block holds about `TANGENT_BLOCK_BYTES` of score
+tangents whatever the length, so memory grows
 linearly in `T` (the primal scores of a block are recomputed in `jvp`, never
 stored for the whole sequence). The vectorisation over the `K` directions is
 `torch.func.vmap`'s (``generate_vmap_rule``).
@@ -35,7 +35,7 @@ mask with `AttentionMaskInterface`) when this module is imported, and
 switched on only for the duration of a JVP (`attention.switch`), after a
 check against the model's own eager attention on the user's batch. A call
 with options they do not reproduce (no `scaling`, dropout while training,
-soft-capping, attention sinks, any unknown keyword) raises
+soft-capping, attention sinks, any unknown keyword but a flag) raises
 `UnsupportedAttentionError`, and the model is then linearised through its
 eager attention instead.
 """
